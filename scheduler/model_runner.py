@@ -1,0 +1,122 @@
+"""Runs one model over a batch of sequences, each bringing its own new tokens on top of its cache.
+
+The scheduler decides which sequences take part and which tokens they feed; the runner turns that
+into one padded forward with per-sequence positions and an explicit attention mask, and hands back
+logits. It knows nothing about BiLD.
+
+Encoder-decoder models (T5/mT5) fit the same interface: `initial_context()` gives the decoder's
+start token instead of the prompt, `start()` runs the encoder once per sequence and keeps its
+output (and cross-attention keys) in the sequence's slot, and `forward()` feeds decoder tokens.
+The scheduler only ever sees "context tokens", so it does not change.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from scheduler.kv_cache import BatchLayout, SlotKVCache
+
+
+@dataclass(frozen=True)
+class ForwardItem:
+    """One sequence's part of a batched forward."""
+
+    slot: int
+    start: int  # how many context tokens the slot's cache already holds
+    tokens: list[int]  # new context tokens, at positions start, start+1, ...
+
+
+class CausalLMRunner:
+    """Batched forwards of a decoder-only Hugging Face model over a SlotKVCache."""
+
+    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int) -> None:
+        self.model = model
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            # The slot cache keeps every position; a sliding-window model would need its own mask.
+            if config.sliding_window < max_len:
+                raise ValueError(
+                    f"{config.model_type} uses sliding-window attention ({config.sliding_window} tokens), "
+                    f"which bild does not support beyond that window; set the context length at most "
+                    f"{config.sliding_window}"
+                )
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.cache = SlotKVCache(
+            config.num_hidden_layers, num_slots, num_kv_heads, head_dim, max_len, self.dtype, self.device
+        )
+        # transformers renamed the forward's cache keyword (`past_key_values` -> `cache`) in 5.2x.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._mask_min = torch.finfo(self.dtype).min
+
+    def initial_context(self, prompt: list[int]) -> list[int]:
+        return list(prompt)
+
+    def start(self, items: list[ForwardItem]) -> torch.Tensor:
+        """Prefill new sequences; return [n, V] logits that predict each one's first new token."""
+        return torch.stack([logits[-1] for logits in self.forward(items, all_logits=False)])
+
+    @torch.inference_mode()
+    def forward(self, items: list[ForwardItem], all_logits: bool) -> list[torch.Tensor]:
+        """Feed each item's tokens; return per item [len(tokens), V] logits, or [1, V] for its last token.
+
+        Inputs are left-padded, so every row's last token sits in the last column and "last token
+        only" is one slice for the whole batch (the output head then runs on one column).
+        """
+        device = self.device
+        lengths = torch.tensor([len(item.tokens) for item in items], device=device)
+        starts = torch.tensor([item.start for item in items], device=device)
+        slots = torch.tensor([item.slot for item in items], device=device)
+        width = int(lengths.max())
+        pad = width - lengths  # [B] padding columns at the left of each row
+
+        column = torch.arange(width, device=device)
+        token_index = column[None, :] - pad[:, None]  # [B, Q]: index into the item's tokens, <0 = padding
+        is_token = token_index >= 0
+        positions = torch.where(is_token, starts[:, None] + token_index, 0)
+
+        input_ids = torch.zeros((len(items), width), dtype=torch.long, device=device)
+        for row, item in enumerate(items):
+            input_ids[row, width - len(item.tokens) :] = torch.tensor(item.tokens, device=device)
+
+        kv_len = int((starts + lengths).max())
+        # Query at position p sees keys 0..p of its own row; a padding query sees key 0 only, which
+        # is always written, so no row of the softmax is empty.
+        visible = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]  # [B, Q, K]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=device)
+        mask.masked_fill_(~visible, self._mask_min)
+
+        first = items[0].slot
+        contiguous = all(item.slot == first + i for i, item in enumerate(items))
+        self.cache.prepare(
+            BatchLayout(
+                slots=slots,
+                write_slots=torch.where(is_token, slots[:, None], self.cache.scratch_slot),
+                write_positions=torch.where(is_token, positions, column[None, :]),
+                kv_len=kv_len,
+                contiguous=slice(first, first + len(items)) if contiguous else None,
+            )
+        )
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                attention_mask=mask[:, None],
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+                **{self._cache_kw: self.cache},
+            )
+        finally:
+            self.cache.layout = None
+        logits = out.logits.float()
+        if not all_logits:
+            return [logits[row] for row in range(len(items))]
+        return [logits[row, width - len(item.tokens) :] for row, item in enumerate(items)]

@@ -1,0 +1,78 @@
+"""What a client asks for, and what the engine reports back about it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Mode(enum.Enum):
+    BILD = "bild"  # small model drafts, large model falls back and rolls back by thresholds (lossy)
+    EXACT = "exact"  # like bild, but any disagreement with the large model's argmax rolls back (lossless)
+    LARGE = "large"  # large model only: the baseline
+    SMALL = "small"  # small model only
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+# Defaults. BiLD's code uses fallback 0.6 and 10 small tokens; its README says rollback 2 to 5
+# works. Rollback 3 discards a small token the large model gives under 5% probability. A longer
+# run of small tokens is cheap to verify here (8 tokens cost ~2x one large step on CPU), so the
+# cap stays at BiLD's 10.
+DEFAULT_FALLBACK_THRESHOLD = 0.6
+DEFAULT_ROLLBACK_THRESHOLD = 3.0
+DEFAULT_MAX_SMALL_TOKENS = 10
+MAX_SMALL_TOKENS_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    mode: Mode = Mode.BILD
+    max_new_tokens: int = 128
+    fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD
+    rollback_threshold: float = DEFAULT_ROLLBACK_THRESHOLD
+    max_small_tokens: int = DEFAULT_MAX_SMALL_TOKENS
+
+    def validate(self) -> None:
+        """Raise ValueError with a message meant for the person who sent the request."""
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if not 0.0 <= self.fallback_threshold <= 1.0:
+            raise ValueError(f"fallback_threshold must be within [0, 1], got {self.fallback_threshold}")
+        if not self.rollback_threshold >= 0.0:  # also rejects NaN
+            raise ValueError(f"rollback_threshold must be 0 or more, got {self.rollback_threshold}")
+        if not 1 <= self.max_small_tokens <= MAX_SMALL_TOKENS_LIMIT:
+            raise ValueError(
+                f"max_small_tokens must be within [1, {MAX_SMALL_TOKENS_LIMIT}], got {self.max_small_tokens}"
+            )
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    small_forward_steps: int = 0  # small-model forwards this request took part in (prefill included)
+    large_forward_calls: int = 0  # large-model forwards this request took part in (prefill included)
+    fallbacks: int = 0
+    rollbacks: int = 0
+    small_tokens: int = 0  # emitted tokens that the small model proposed
+    large_tokens: int = 0  # emitted tokens that the large model chose
+    queue_seconds: float = 0.0
+    first_token_seconds: float = 0.0  # from submission to the first settled token
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float = 0.0
+    stats: RequestStats = field(default_factory=RequestStats)

@@ -1,0 +1,313 @@
+"""Iteration-level continuous batching for Big Little Decoder.
+
+Each call to `step()` is one iteration:
+  1. admit waiting requests in arrival order while slots and the token budget allow, and prefill
+     them (the large model's prefill already predicts the first token, so it is settled at once);
+  2. one batched small-model forward over every sequence that drafts (modes bild, exact, small);
+     the fallback policy discards unconfident drafts and sends those sequences to the large model,
+     as do sequences that reached `max_small_tokens` drafts, EOS or their length limit;
+  3. one batched large-model forward over every sequence sent to it (each with its own number of
+     unverified tokens) and every `large`-mode sequence; the rollback policy cuts each draft at
+     its first bad token and the large model's token goes there, or after the draft if all stand;
+  4. settled tokens are handed out; finished sequences free their slot.
+
+Bookkeeping per sequence, with `context` = prompt + generated tokens (drafts included):
+  settled        context[:settled] passed the large model (or needs no check: `small` mode);
+  large_cached   the large model's cache holds context[:large_cached]; always settled - 1 after a
+                 large forward, since its newest token is predicted but not yet fed;
+  small_cached   the same for the small model; a rollback lowers it, nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from scheduler.model_runner import CausalLMRunner, ForwardItem
+from scheduler.policy import draft, verify
+from scheduler.request import FinishReason, Mode, Request
+
+DRAFTING_MODES = (Mode.BILD, Mode.EXACT, Mode.SMALL)
+VERIFIED_MODES = (Mode.BILD, Mode.EXACT)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16  # slots: sequences in the batch at once
+    max_num_tokens: int = 16384  # tokens reserved (prompt + max_new_tokens) by running sequences
+    max_seq_len: int = 2048  # context length of one sequence
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one iteration (at least one prompt)
+
+
+@dataclass(eq=False)  # compared by identity
+class Sequence:
+    request: Request
+    slot: int
+    context: list[int]
+    prompt_len: int
+    settled: int = 0
+    emitted: int = 0
+    small_cached: int = 0
+    large_cached: int = 0
+    finish: FinishReason | None = None
+    cancelled: bool = False
+
+    @property
+    def mode(self) -> Mode:
+        return self.request.params.mode
+
+    @property
+    def reserved(self) -> int:
+        return self.prompt_len + self.request.params.max_new_tokens
+
+    @property
+    def drafted(self) -> int:
+        return len(self.context) - self.settled
+
+
+@dataclass
+class StepOutput:
+    """What one iteration produced for one request."""
+
+    request: Request
+    tokens: list[int] = field(default_factory=list)  # newly settled tokens, in order
+    finish: FinishReason | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        small: CausalLMRunner | None,
+        large: CausalLMRunner,
+        config: SchedulerConfig,
+        eos_token_ids: set[int],
+    ) -> None:
+        self.small = small
+        self.large = large
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Sequence] = {}
+        # Lowest slot first keeps a full batch's slots contiguous, so the cache needs no gather.
+        self._free_slots = list(range(config.max_num_seqs))
+        self._reserved_tokens = 0
+        self._cancelled: set[str] = set()
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if the request can never run here."""
+        params = request.params
+        params.validate()
+        if params.mode in DRAFTING_MODES and self.small is None:
+            raise ValueError(f"mode {params.mode.value} needs a small model, and none is loaded")
+        if not request.prompt:
+            raise ValueError("the prompt is empty")
+        total = len(request.prompt) + params.max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds the context length of {self.config.max_seq_len} tokens"
+            )
+        if total > self.config.max_num_tokens:
+            raise ValueError(
+                f"prompt + max_new_tokens = {total} tokens exceeds the server's token budget "
+                f"of {self.config.max_num_tokens}"
+            )
+        tokens = request.prompt + [0]
+        if max(tokens) >= self.large.vocab_size or min(tokens) < 0:
+            raise ValueError(f"token ids must be within [0, {self.large.vocab_size})")
+
+    def add(self, request: Request) -> None:
+        self.check(request)
+        self.waiting.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        """Takes effect at the start of the next iteration."""
+        self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._cancelled)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self._reserved_tokens
+
+    # ---- one iteration -------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        outputs = self._drop_cancelled()
+        started = self._admit()
+        self._draft_and_verify([s for s in self.running.values() if s not in started])
+        now = time.monotonic()
+        for seq in list(self.running.values()):
+            out = self._settle(seq, now)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def abort_all(self, reason: FinishReason) -> list[StepOutput]:
+        """End every request, for example after a failed forward; the engine stays usable."""
+        outputs = [StepOutput(request, finish=reason) for request in self.waiting]
+        self.waiting.clear()
+        for seq in list(self.running.values()):
+            seq.finish = reason
+            outputs.append(StepOutput(seq.request, finish=reason))
+            self._release(seq)
+        return outputs
+
+    def _drop_cancelled(self) -> list[StepOutput]:
+        outputs = []
+        if not self._cancelled:
+            return outputs
+        for request in [r for r in self.waiting if r.request_id in self._cancelled]:
+            self.waiting.remove(request)
+            outputs.append(StepOutput(request, finish=FinishReason.CANCELLED))
+        for seq in [s for s in self.running.values() if s.request.request_id in self._cancelled]:
+            seq.finish = FinishReason.CANCELLED
+            outputs.append(StepOutput(seq.request, finish=FinishReason.CANCELLED))
+            self._release(seq)
+        self._cancelled.clear()
+        return outputs
+
+    def _admit(self) -> list[Sequence]:
+        started: list[Sequence] = []
+        prefill_tokens = 0
+        while self.waiting and self._free_slots:
+            request = self.waiting[0]
+            need = len(request.prompt) + request.params.max_new_tokens
+            if self._reserved_tokens + need > self.config.max_num_tokens:
+                break  # strictly in order: a big request is not overtaken by smaller ones
+            if started and prefill_tokens + len(request.prompt) > self.config.max_prefill_tokens:
+                break
+            self.waiting.popleft()
+            self._free_slots.sort()
+            context = self.large.initial_context(request.prompt)
+            n = len(context)
+            seq = Sequence(request, self._free_slots.pop(0), context, prompt_len=n, settled=n, emitted=n)
+            self._reserved_tokens += seq.reserved
+            self.running[request.request_id] = seq
+            request.stats.prompt_tokens = len(request.prompt)
+            request.stats.queue_seconds = time.monotonic() - request.arrival
+            prefill_tokens += len(request.prompt)
+            started.append(seq)
+        if started:
+            self._prefill(started)
+        return started
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        small_seqs = [s for s in seqs if s.mode in DRAFTING_MODES]
+        large_seqs = [s for s in seqs if s.mode is not Mode.SMALL]
+        if small_seqs:
+            logits = self.small.start([ForwardItem(s.slot, 0, s.context) for s in small_seqs])
+            for seq, row in zip(small_seqs, logits):
+                seq.small_cached = seq.prompt_len
+                seq.request.stats.small_forward_steps += 1
+                if seq.mode is Mode.SMALL:
+                    seq.context.append(int(row.argmax()))
+                    seq.request.stats.small_tokens += 1
+        if large_seqs:
+            # The large model must read the prompt anyway; its prediction is the first token.
+            logits = self.large.start([ForwardItem(s.slot, 0, s.context) for s in large_seqs])
+            for seq, row in zip(large_seqs, logits):
+                seq.large_cached = seq.prompt_len
+                seq.context.append(int(row.argmax()))
+                seq.request.stats.large_forward_calls += 1
+                seq.request.stats.large_tokens += 1
+        for seq in seqs:
+            seq.settled = len(seq.context)
+
+    def _draft_and_verify(self, seqs: list[Sequence]) -> None:
+        drafting = [s for s in seqs if s.mode in DRAFTING_MODES]
+        to_large = [s for s in seqs if s.mode is Mode.LARGE]
+        if drafting:
+            items = [ForwardItem(s.slot, s.small_cached, s.context[s.small_cached :]) for s in drafting]
+            logits = self.small.forward(items, all_logits=False)
+            for seq, row in zip(drafting, logits):
+                if self._take_draft(seq, row[-1]):
+                    to_large.append(seq)
+        if to_large:
+            items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in to_large]
+            logits = self.large.forward(items, all_logits=True)
+            for seq, rows in zip(to_large, logits):
+                self._take_verdict(seq, rows)
+
+    def _take_draft(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Apply the fallback policy to one small-model step; True if the large model must run now."""
+        params, stats = seq.request.params, seq.request.stats
+        seq.small_cached = len(seq.context)
+        stats.small_forward_steps += 1
+        if seq.mode is Mode.SMALL:
+            seq.context.append(int(logits.argmax()))
+            seq.settled = len(seq.context)
+            stats.small_tokens += 1
+            return False
+        proposal = draft(logits, params.fallback_threshold)
+        if not proposal.confident:
+            stats.fallbacks += 1
+            return True
+        seq.context.append(proposal.token)
+        at_limit = len(seq.context) - seq.prompt_len >= params.max_new_tokens
+        if seq.drafted >= params.max_small_tokens or proposal.token in self.eos_token_ids or at_limit:
+            # Forced fallback: too many drafts in a row, or the draft would end the sequence,
+            # and every emitted token must pass the rollback check first.
+            stats.fallbacks += 1
+            return True
+        return False
+
+    def _take_verdict(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Apply the large model's logits: rollback policy for drafts, then its own next token."""
+        stats = seq.request.stats
+        stats.large_forward_calls += 1
+        drafted = seq.context[seq.settled :]
+        if seq.mode is Mode.LARGE:
+            verdict_accepted, next_token, rolled_back = 0, int(logits[-1].argmax()), False
+        else:
+            # logits row i predicts context[large_cached + i + 1]; with large_cached = settled - 1,
+            # the rows line up with the drafts, and the last row predicts the token after them.
+            verdict = verify(logits, drafted, seq.mode, seq.request.params.rollback_threshold)
+            verdict_accepted, next_token, rolled_back = verdict.accepted, verdict.next_token, verdict.rolled_back
+        keep = seq.settled + verdict_accepted
+        del seq.context[keep:]
+        seq.context.append(next_token)
+        seq.large_cached = keep
+        seq.small_cached = min(seq.small_cached, keep)
+        seq.settled = len(seq.context)
+        stats.small_tokens += verdict_accepted
+        stats.large_tokens += 1
+        stats.rollbacks += int(rolled_back)
+
+    def _settle(self, seq: Sequence, now: float) -> StepOutput | None:
+        """Hand out newly settled tokens; end the sequence at EOS or its length limit."""
+        limit = seq.prompt_len + seq.request.params.max_new_tokens
+        end = min(seq.settled, limit)
+        new = seq.context[seq.emitted : end]
+        for i, token in enumerate(new):
+            if token in self.eos_token_ids:
+                new = new[: i + 1]
+                seq.finish = FinishReason.EOS
+                break
+        if seq.finish is None and end >= limit:
+            seq.finish = FinishReason.LENGTH
+        if not new and seq.finish is None:
+            return None
+        stats = seq.request.stats
+        if new and seq.emitted == seq.prompt_len:
+            stats.first_token_seconds = now - seq.request.arrival
+        seq.emitted += len(new)
+        stats.generated_tokens = seq.emitted - seq.prompt_len
+        if seq.finish is not None:
+            self._release(seq)
+        return StepOutput(seq.request, new, seq.finish)
+
+    def _release(self, seq: Sequence) -> None:
+        del self.running[seq.request.request_id]
+        self._free_slots.append(seq.slot)
+        self._reserved_tokens -= seq.reserved

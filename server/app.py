@@ -1,0 +1,106 @@
+"""Assembles the gRPC server: the Generator service, health checking and reflection, and its lifecycle.
+
+The port opens before the models load, with health NOT_SERVING, so orchestrators see the process
+come up; it turns SERVING once the engine runs, and back to NOT_SERVING while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from bild.v1 import bild_pb2, bild_pb2_grpc
+from scheduler.engine import Engine, EngineConfig
+from scheduler.pair import ModelPair
+from server.reflection import enable_reflection
+from server.service import GeneratorService, ServiceConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = bild_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+# Ask clients' and proxies' keepalive pings to be tolerated on long streams.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+
+
+@dataclass
+class ServerHandle:
+    server: grpc.aio.Server
+    port: int
+    service: GeneratorService
+    health: health.aio.HealthServicer
+    engine: Engine | None = None
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start_engine(self, load_pair: Callable[[], ModelPair], engine_config: EngineConfig) -> None:
+        """Load the models off the event loop, start the engine, report SERVING."""
+        pair = await asyncio.to_thread(load_pair)
+        self.engine = Engine(pair, engine_config)
+        self.engine.start()
+        self.service.attach(self.engine, pair.tokenizer)
+        await self.set_serving(True)
+        log.info("serving %s on port %d", SERVICE_NAME, self.port)
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new calls, let streams in flight finish within `grace` seconds, stop the engine."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+
+
+async def create_server(host: str, port: int, service_config: ServiceConfig) -> ServerHandle:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    service = GeneratorService(service_config)
+    bild_pb2_grpc.add_GeneratorServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    handle = ServerHandle(server, bound, service, health_servicer)
+    await handle.set_serving(False)
+    await server.start()
+    return handle
+
+
+async def serve(
+    host: str,
+    port: int,
+    service_config: ServiceConfig,
+    engine_config: EngineConfig,
+    load_pair: Callable[[], ModelPair],
+    grace: float,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    handle = await create_server(host, port, service_config)
+    log.info("listening on %s:%d; loading models", host, handle.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loader = asyncio.create_task(handle.start_engine(load_pair, engine_config))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([loader, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and loader.exception() is not None:
+        await handle.server.stop(0)
+        raise loader.exception()
+    await stopped
+    log.info("signal received: draining for up to %.0fs", grace)
+    loader.cancel()
+    await handle.drain(grace)
+    log.info("stopped")

