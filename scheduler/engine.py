@@ -48,7 +48,10 @@ class RequestStream:
         return self.request.stats
 
     def _deliver(self, output: StepOutput) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        except RuntimeError:
+            pass  # the consumer's event loop is closed: nobody is listening any more
 
     def cancel(self) -> None:
         if not self.finished:
@@ -101,7 +104,9 @@ class Engine:
         self.scheduler.check(request)
         stream = RequestStream(self, request)
         with self._wake:
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_waiting:
+            # Requests in the inbox may still take a free slot; only the rest count as waiting.
+            pending = len(self._inbox) + len(self.scheduler.waiting) - self.scheduler.free_slots
+            if pending >= self.config.max_waiting:
                 raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
             self._streams[request.request_id] = stream
             self._inbox.append(request)

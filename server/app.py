@@ -56,8 +56,15 @@ class ServerHandle:
 
     async def drain(self, grace: float) -> None:
         """Refuse new calls, let streams in flight finish within `grace` seconds, stop the engine."""
-        await self.set_serving(False)
-        await self.server.stop(grace)
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING, and no later set() undoes it
+        stopping = asyncio.create_task(self.server.stop(grace))  # refuses new calls at once
+        try:
+            await asyncio.wait_for(self.service.wait_idle(), grace)
+        except asyncio.TimeoutError:
+            log.warning("grace period over: cancelling the streams still in flight")
+        # Health watchers never end by themselves; cut them once the generations are done.
+        await self.server.stop(0)
+        await stopping
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
 

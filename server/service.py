@@ -62,9 +62,16 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         self.config = config
         self.engine: Engine | None = None  # set once the models have loaded
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def attach(self, engine: Engine, tokenizer: PreTrainedTokenizerBase) -> None:
         self.engine, self.tokenizer = engine, tokenizer
+
+    async def wait_idle(self) -> None:
+        """Until no Generate stream is in flight (draining waits for these, not for health watchers)."""
+        await self._idle.wait()
 
     # ---- request translation -----------------------------------------------------------
 
@@ -134,6 +141,17 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
     # ---- RPCs --------------------------------------------------------------------------
 
     async def Generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            async for response in self._generate(request, context):
+                yield response
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
         started = time.monotonic()
