@@ -62,14 +62,15 @@ class CausalLMRunner:
 
     def start(self, items: list[ForwardItem]) -> torch.Tensor:
         """Prefill new sequences; return [n, V] logits that predict each one's first new token."""
-        return torch.stack([logits[-1] for logits in self.forward(items, all_logits=False)])
+        return self.forward(items, all_logits=False)[:, -1]
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], all_logits: bool) -> list[torch.Tensor]:
-        """Feed each item's tokens; return per item [len(tokens), V] logits, or [1, V] for its last token.
+    def forward(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
+        """Feed each item's tokens; return left-padded [B, Q, V] logits, or [B, 1, V] for the last token.
 
-        Inputs are left-padded, so every row's last token sits in the last column and "last token
-        only" is one slice for the whole batch (the output head then runs on one column).
+        Inputs are left-padded, so every row's last token sits in the last column: row b's logits
+        for its tokens are the last len(tokens) columns, and "last token only" is one slice for the
+        whole batch (the output head then runs on one column).
         """
         device = self.device
         lengths = torch.tensor([len(item.tokens) for item in items], device=device)
@@ -116,7 +117,4 @@ class CausalLMRunner:
             )
         finally:
             self.cache.layout = None
-        logits = out.logits.float()
-        if not all_logits:
-            return [logits[row] for row in range(len(items))]
-        return [logits[row, width - len(item.tokens) :] for row, item in enumerate(items)]
+        return out.logits

@@ -1,4 +1,8 @@
-"""BiLD's two policies, as pure functions of logits and thresholds."""
+"""BiLD's two policies, applied to a whole batch of logits at once.
+
+Each function moves only a few small tensors to the host (one sync per batch, not per sequence),
+which matters on a GPU where every `.item()` waits for the device.
+"""
 
 from __future__ import annotations
 
@@ -12,42 +16,62 @@ from scheduler.request import Mode
 @dataclass(frozen=True)
 class Draft:
     token: int
-    confident: bool  # False: fall back to the large model, the token is discarded
+    confidence: float  # the small model's top probability
 
 
-def draft(small_logits: torch.Tensor, fallback_threshold: float) -> Draft:
-    """Fallback policy: keep the small model's token only if its top probability reaches the threshold."""
-    probs = torch.softmax(small_logits, dim=-1)
-    p_max, token = probs.max(dim=-1)
-    return Draft(token=int(token), confident=float(p_max) >= fallback_threshold)
+def drafts(last_logits: torch.Tensor) -> list[Draft]:
+    """The small model's greedy token and its probability, per row of [B, V] logits.
+
+    The fallback policy then keeps a draft only if its confidence reaches the request's threshold.
+    """
+    p_max, tokens = torch.softmax(last_logits.float(), dim=-1).max(dim=-1)
+    return [Draft(t, p) for t, p in zip(tokens.tolist(), p_max.tolist())]
 
 
 @dataclass(frozen=True)
 class Verdict:
-    accepted: int  # how many of the drafted tokens stand
-    next_token: int  # the large model's token at position `accepted` (a replacement or the next one)
+    accepted: int  # how many drafted tokens stand
+    next_token: int  # the large model's token at position `accepted`: a replacement, or the next one
     rolled_back: bool
 
 
-def verify(large_logits: torch.Tensor, drafted: list[int], mode: Mode, rollback_threshold: float) -> Verdict:
-    """Rollback policy over `drafted` tokens given the large model's logits at each of their positions.
+@dataclass(frozen=True)
+class VerifyRow:
+    inputs: list[int]  # tokens fed to the large model: the last settled token, then the drafts
+    mode: Mode
+    rollback_threshold: float
 
-    `large_logits` has len(drafted) + 1 rows: row i predicts drafted[i], the last row the token after
-    them. In bild mode a token is discarded when -log p_large(token) exceeds the threshold (unless it
-    is the large model's own argmax, which can happen when its distribution is flat); in exact mode
-    any token other than the argmax is. The first discarded token and all after it are replaced by
-    the large model's argmax at that position.
+
+def verify(logits: torch.Tensor, rows: list[VerifyRow]) -> list[Verdict]:
+    """Rollback policy for each row of left-padded [B, Q, V] large-model logits.
+
+    Column j of a row's inputs predicts its input j+1, so the drafts are checked against the logits
+    one column to their left. In bild mode a draft is discarded when -log p_large(draft) exceeds the
+    threshold, unless it is the large model's own argmax (possible when its distribution is flat);
+    in exact mode any draft other than the argmax is. The first discarded draft and all after it
+    are replaced by the large model's argmax at that position.
     """
-    targets = large_logits.argmax(dim=-1)
-    k = len(drafted)
-    if k:
-        drafted_t = torch.tensor(drafted, device=large_logits.device)
-        disagree = targets[:k] != drafted_t
-        if mode is Mode.BILD:
-            nll = -torch.log_softmax(large_logits[:k], dim=-1).gather(-1, drafted_t[:, None])[:, 0]
-            disagree &= nll > rollback_threshold
-        bad = torch.nonzero(disagree)
-        if len(bad):
-            first = int(bad[0, 0])
-            return Verdict(accepted=first, next_token=int(targets[first]), rolled_back=True)
-    return Verdict(accepted=k, next_token=int(targets[k]), rolled_back=False)
+    batch, width = logits.shape[:2]
+    targets = torch.zeros((batch, width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        drafted = row.inputs[1:]
+        if drafted:
+            start = width - len(row.inputs)
+            targets[b, start : start + len(drafted)] = torch.tensor(drafted)
+    targets = targets.to(logits.device)
+    argmax = logits.argmax(dim=-1).tolist()
+    nll = None
+    if any(row.mode is Mode.BILD and len(row.inputs) > 1 for row in rows):
+        logits = logits.float()
+        nll = (torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[..., None])[..., 0]).tolist()
+    verdicts = []
+    for b, row in enumerate(rows):
+        start = width - len(row.inputs)
+        verdict = Verdict(len(row.inputs) - 1, argmax[b][-1], False)
+        for i, token in enumerate(row.inputs[1:]):
+            col = start + i
+            if argmax[b][col] != token and (row.mode is not Mode.BILD or nll[b][col] > row.rollback_threshold):
+                verdict = Verdict(i, argmax[b][col], True)
+                break
+        verdicts.append(verdict)
+    return verdicts

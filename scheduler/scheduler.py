@@ -24,10 +24,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from scheduler.model_runner import CausalLMRunner, ForwardItem
-from scheduler.policy import draft, verify
+from scheduler.policy import Draft, Verdict, VerifyRow, drafts, verify
 from scheduler.request import FinishReason, Mode, Request
 
 DRAFTING_MODES = (Mode.BILD, Mode.EXACT, Mode.SMALL)
@@ -206,19 +204,19 @@ class Scheduler:
         small_seqs = [s for s in seqs if s.mode in DRAFTING_MODES]
         large_seqs = [s for s in seqs if s.mode is not Mode.SMALL]
         if small_seqs:
-            logits = self.small.start([ForwardItem(s.slot, 0, s.context) for s in small_seqs])
-            for seq, row in zip(small_seqs, logits):
+            tokens = self.small.start([ForwardItem(s.slot, 0, s.context) for s in small_seqs]).argmax(-1).tolist()
+            for seq, token in zip(small_seqs, tokens):
                 seq.small_cached = seq.prompt_len
                 seq.request.stats.small_forward_steps += 1
                 if seq.mode is Mode.SMALL:
-                    seq.context.append(int(row.argmax()))
+                    seq.context.append(token)
                     seq.request.stats.small_tokens += 1
         if large_seqs:
             # The large model must read the prompt anyway; its prediction is the first token.
-            logits = self.large.start([ForwardItem(s.slot, 0, s.context) for s in large_seqs])
-            for seq, row in zip(large_seqs, logits):
+            tokens = self.large.start([ForwardItem(s.slot, 0, s.context) for s in large_seqs]).argmax(-1).tolist()
+            for seq, token in zip(large_seqs, tokens):
                 seq.large_cached = seq.prompt_len
-                seq.context.append(int(row.argmax()))
+                seq.context.append(token)
                 seq.request.stats.large_forward_calls += 1
                 seq.request.stats.large_tokens += 1
         for seq in seqs:
@@ -229,28 +227,30 @@ class Scheduler:
         to_large = [s for s in seqs if s.mode is Mode.LARGE]
         if drafting:
             items = [ForwardItem(s.slot, s.small_cached, s.context[s.small_cached :]) for s in drafting]
-            logits = self.small.forward(items, all_logits=False)
-            for seq, row in zip(drafting, logits):
-                if self._take_draft(seq, row[-1]):
+            proposals = drafts(self.small.forward(items, all_logits=False)[:, -1])
+            for seq, proposal in zip(drafting, proposals):
+                if self._take_draft(seq, proposal):
                     to_large.append(seq)
         if to_large:
+            # With large_cached = settled - 1, each sequence feeds its newest settled token and then
+            # its drafts; large-mode sequences feed just their newest token.
             items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in to_large]
             logits = self.large.forward(items, all_logits=True)
-            for seq, rows in zip(to_large, logits):
-                self._take_verdict(seq, rows)
+            rows = [VerifyRow(item.tokens, s.mode, s.request.params.rollback_threshold) for s, item in zip(to_large, items)]
+            for seq, verdict in zip(to_large, verify(logits, rows)):
+                self._take_verdict(seq, verdict)
 
-    def _take_draft(self, seq: Sequence, logits: torch.Tensor) -> bool:
+    def _take_draft(self, seq: Sequence, proposal: Draft) -> bool:
         """Apply the fallback policy to one small-model step; True if the large model must run now."""
         params, stats = seq.request.params, seq.request.stats
         seq.small_cached = len(seq.context)
         stats.small_forward_steps += 1
         if seq.mode is Mode.SMALL:
-            seq.context.append(int(logits.argmax()))
+            seq.context.append(proposal.token)
             seq.settled = len(seq.context)
             stats.small_tokens += 1
             return False
-        proposal = draft(logits, params.fallback_threshold)
-        if not proposal.confident:
+        if proposal.confidence < params.fallback_threshold:
             stats.fallbacks += 1
             return True
         seq.context.append(proposal.token)
@@ -262,27 +262,19 @@ class Scheduler:
             return True
         return False
 
-    def _take_verdict(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Apply the large model's logits: rollback policy for drafts, then its own next token."""
+    def _take_verdict(self, seq: Sequence, verdict: Verdict) -> None:
+        """Keep the accepted drafts and append the large model's token after them."""
         stats = seq.request.stats
         stats.large_forward_calls += 1
-        drafted = seq.context[seq.settled :]
-        if seq.mode is Mode.LARGE:
-            verdict_accepted, next_token, rolled_back = 0, int(logits[-1].argmax()), False
-        else:
-            # logits row i predicts context[large_cached + i + 1]; with large_cached = settled - 1,
-            # the rows line up with the drafts, and the last row predicts the token after them.
-            verdict = verify(logits, drafted, seq.mode, seq.request.params.rollback_threshold)
-            verdict_accepted, next_token, rolled_back = verdict.accepted, verdict.next_token, verdict.rolled_back
-        keep = seq.settled + verdict_accepted
+        keep = seq.settled + verdict.accepted
         del seq.context[keep:]
-        seq.context.append(next_token)
+        seq.context.append(verdict.next_token)
         seq.large_cached = keep
         seq.small_cached = min(seq.small_cached, keep)
         seq.settled = len(seq.context)
-        stats.small_tokens += verdict_accepted
+        stats.small_tokens += verdict.accepted
         stats.large_tokens += 1
-        stats.rollbacks += int(rolled_back)
+        stats.rollbacks += int(verdict.rolled_back)
 
     def _settle(self, seq: Sequence, now: float) -> StepOutput | None:
         """Hand out newly settled tokens; end the sequence at EOS or its length limit."""

@@ -1,0 +1,94 @@
+"""Tokens/s of the engine in modes large, exact and bild, at batch 1 and batch 8, on one model pair.
+
+    python bench/engine_speed.py [--large SPEC] [--small SPEC] [--max-new-tokens 64]
+
+Batch 1 runs the prompts one after another; batch B keeps B of them in the batch at once. Every
+figure of one table comes from the same process, so ratios are measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS
+from scheduler.model_runner import CausalLMRunner
+from scheduler.pair import load_pair
+from scheduler.request import Mode, Request, SamplingParams
+from scheduler.scheduler import Scheduler, SchedulerConfig
+
+PROMPTS = Path(__file__).with_name("prompts.jsonl")
+
+
+def load_prompts(tokenizer, n: int) -> list[list[int]]:
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()][:n]
+    return [
+        tokenizer.encode(tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)
+        for r in rows
+    ]
+
+
+def run(scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[Request], float]:
+    requests = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for r in requests:
+        scheduler.add(r)
+    start = time.perf_counter()
+    while scheduler.has_work():
+        for o in scheduler.step():
+            out[o.request.request_id] += o.tokens
+    return [out[r.request_id] for r in requests], requests, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--large", default=SMOLLM2_ALIAS)
+    ap.add_argument("--small", default=str(DEFAULT_SMALL_DIR))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--fallback-threshold", type=float, default=None)
+    ap.add_argument("--rollback-threshold", type=float, default=None)
+    args = ap.parse_args()
+
+    pair = load_pair(args.large, args.small, args.device, args.dtype)
+    prompts = load_prompts(pair.tokenizer, args.prompts)
+    max_len = max(map(len, prompts)) + args.max_new_tokens + 1
+    overrides = {k: v for k, v in (("fallback_threshold", args.fallback_threshold),
+                                   ("rollback_threshold", args.rollback_threshold)) if v is not None}
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core {platform.machine()} CPU"
+    print(f"large={args.large} small={args.small} device={device} dtype={args.dtype} torch={torch.__version__} "
+          f"prompts={len(prompts)} max_new_tokens={args.max_new_tokens} {overrides or ''}\n")
+    print("| batch | mode | tokens/s | speed-up vs large | same tokens as large | small-token share | large calls / token |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        runners = (CausalLMRunner(pair.small, batch, max_len), CausalLMRunner(pair.large, batch, max_len))
+        scheduler = Scheduler(*runners, SchedulerConfig(max_num_seqs=batch, max_num_tokens=batch * max_len,
+                                                        max_seq_len=max_len), pair.eos_token_ids)
+        run(scheduler, prompts[:batch], SamplingParams(mode=Mode.LARGE, max_new_tokens=4))  # warm-up
+        baseline = None
+        for mode in (Mode.LARGE, Mode.EXACT, Mode.BILD):
+            params = SamplingParams(mode=mode, max_new_tokens=args.max_new_tokens, **overrides)
+            outputs, requests, seconds = run(scheduler, prompts, params)
+            tokens = sum(map(len, outputs))
+            rate = tokens / seconds
+            if baseline is None:
+                baseline = (rate, outputs)
+            same = sum(a == b for o, ref in zip(outputs, baseline[1]) for a, b in zip(o, ref))
+            share = sum(r.stats.small_tokens for r in requests) / max(1, tokens)
+            calls = sum(r.stats.large_forward_calls for r in requests) / max(1, tokens)
+            print(f"| {batch} | {mode.value} | {rate:.1f} | {rate / baseline[0]:.2f}x | "
+                  f"{same / max(1, sum(map(len, baseline[1]))):.1%} | {share:.1%} | {calls:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
