@@ -34,7 +34,6 @@ class SlotKVCache:
     """Keys and values of one model for `num_slots` sequences of at most `max_len` tokens."""
 
     is_compileable = False
-    is_sliding = False
 
     def __init__(
         self,
@@ -58,6 +57,7 @@ class SlotKVCache:
         # numbers, since softmax weight 0 times NaN is NaN.
         self._zeroed_upto = 0
         self.layout: BatchLayout | None = None
+        self.is_sliding = [False] * num_layers  # transformers 5.1x reads this per layer
 
     @property
     def bytes_per_token(self) -> int:
