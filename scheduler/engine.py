@@ -84,6 +84,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.iterations = 0
+        self.busy_seconds = 0.0
 
     # ---- event-loop side ---------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class Engine:
                 self.scheduler.add(request)
             for request_id in cancels:
                 self.scheduler.cancel(request_id)
+            started = time.perf_counter()
             try:
                 outputs = self.scheduler.step()
             except Exception:
@@ -150,6 +152,7 @@ class Engine:
                 log.exception("engine iteration failed; ending the requests in flight")
                 outputs = self.scheduler.abort_all(FinishReason.ERROR)
             self.iterations += 1
+            self.busy_seconds += time.perf_counter() - started
             self._deliver(outputs)
         self._deliver(self.scheduler.abort_all(FinishReason.CANCELLED))
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from bild.v1 import bild_pb2, bild_pb2_grpc
 from scheduler.engine import Engine, EngineConfig
 from scheduler.pair import ModelPair
+from server.metrics import Metrics
 from server.reflection import enable_reflection
 from server.service import GeneratorService, ServiceConfig
 
@@ -69,9 +70,15 @@ class ServerHandle:
             await asyncio.to_thread(self.engine.stop)
 
 
-async def create_server(host: str, port: int, service_config: ServiceConfig) -> ServerHandle:
+async def create_server(
+    host: str, port: int, service_config: ServiceConfig, metrics_port: int | None = None
+) -> ServerHandle:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    service = GeneratorService(service_config)
+    metrics = None
+    if metrics_port is not None:
+        metrics = Metrics(lambda: service.engine)
+        metrics.serve(host, metrics_port)
+    service = GeneratorService(service_config, metrics)
     bild_pb2_grpc.add_GeneratorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -92,9 +99,10 @@ async def serve(
     engine_config: EngineConfig,
     load_pair: Callable[[], ModelPair],
     grace: float,
+    metrics_port: int | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
-    handle = await create_server(host, port, service_config)
+    handle = await create_server(host, port, service_config, metrics_port)
     log.info("listening on %s:%d; loading models", host, handle.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     net.add_argument("--port", type=int, default=50051, help="(default: %(default)s; 0 picks a free port)")
+    net.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (default: off)")
     net.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get to finish on SIGTERM (default: %(default)s)")
     policy = p.add_argument_group("decoding defaults (a request may override them)")
     policy.add_argument("--mode", default=Mode.BILD.value, choices=[m.value for m in Mode], help="(default: %(default)s)")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         return load_pair(args.large, small, args.device, args.dtype)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace))
+    uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace, args.metrics_port))
 
 
 if __name__ == "__main__":

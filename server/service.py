@@ -18,9 +18,11 @@ from scheduler.request import (
     DEFAULT_ROLLBACK_THRESHOLD,
     FinishReason,
     Mode,
+    RequestStats,
     SamplingParams,
 )
 from server.detokenizer import IncrementalDetokenizer
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,19 @@ class InvalidRequest(ValueError):
     pass
 
 
+@dataclass
+class CallRecord:
+    """What one Generate call came to, for metrics and the log."""
+
+    mode: str = "unknown"
+    outcome: str | None = None  # None at the end: the client went away or its deadline passed
+    stats: RequestStats | None = None
+
+
 class GeneratorService(bild_pb2_grpc.GeneratorServicer):
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.engine: Engine | None = None  # set once the models have loaded
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._in_flight = 0
@@ -143,40 +155,53 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
     async def Generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         self._in_flight += 1
         self._idle.clear()
+        started = time.monotonic()
+        record = CallRecord()
         try:
-            async for response in self._generate(request, context):
+            async for response in self._generate(request, context, record):
                 yield response
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
+            if self.metrics is not None:
+                self.metrics.observe(record.mode, record.outcome or "cancelled", record.stats,
+                                     time.monotonic() - started)
 
-    async def _generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _abort(self, context, record: CallRecord, code: grpc.StatusCode, message: str):
+        record.outcome = code.name.lower()
+        await context.abort(code, message)
+
+    async def _generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                        record: CallRecord):
         if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
+            await self._abort(context, record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
         started = time.monotonic()
         request_id = request.request_id
         try:
             params = self._params(request)
+            record.mode = params.mode.value
             prompt = await asyncio.to_thread(self._prompt_ids, request)
             stream = self.engine.submit(prompt, params)
         except ValueError as error:  # InvalidRequest, and the engine's own checks
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await self._abort(context, record, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except QueueFull as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            await self._abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        record.stats = stream.stats
         request_id = request_id or stream.request.request_id
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         async for output in stream:
             if output.finish in (FinishReason.ERROR, FinishReason.CANCELLED):
                 # Only the server ends a request this way (a failed forward, or shutting down).
                 code = grpc.StatusCode.INTERNAL if output.finish is FinishReason.ERROR else grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, f"generation ended by the server ({output.finish.value})")
+                await self._abort(context, record, code, f"generation ended by the server ({output.finish.value})")
             text = detokenizer.push(output.tokens)
             if output.finish is None:
                 if output.tokens:
                     yield bild_pb2.GenerateResponse(text=text, token_ids=output.tokens, request_id=request_id)
                 continue
             stats = stream.stats
+            record.outcome = output.finish.value
             yield bild_pb2.GenerateResponse(
                 text=text + detokenizer.flush(),
                 token_ids=output.tokens,

@@ -18,10 +18,20 @@ from tests.server_util import start_server
 SERVER_ARGS = ["--context-length", "512", "--max-new-tokens-limit", "256", "--fallback-threshold", "0.2"]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_dirs):
+    metrics_port = free_port()
     proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "16",
-                        *SERVER_ARGS)
+                        "--metrics-port", str(metrics_port), *SERVER_ARGS)
+    proc.metrics_port = metrics_port
     proc.wait_serving()
     yield proc
     assert proc.stop() == 0
@@ -240,3 +250,21 @@ def test_generated_stubs_match_the_proto(tmp_path):
     for name in ("bild_pb2.py", "bild_pb2.pyi", "bild_pb2_grpc.py"):
         fresh = (tmp_path / "bild/v1" / name).read_text()
         assert fresh == (root / "bild/v1" / name).read_text(), f"{name} drifted from bild.proto: run `make proto`"
+
+
+def test_prometheus_metrics(server):
+    import urllib.request
+
+    complete(server.target, "metrics please", max_new_tokens=6, mode="exact")
+    with pytest.raises(grpc.aio.AioRpcError):
+        complete(server.target, "", max_new_tokens=6)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    finished = sum(v for k, v in samples.items()
+                   if k.startswith('bild_requests_total{mode="exact",outcome="') and ("length" in k or "eos" in k))
+    assert finished >= 1
+    assert sum(v for k, v in samples.items() if 'outcome="invalid_argument"' in k and k.startswith("bild_requests_total")) >= 1
+    assert samples["bild_engine_free_slots"] == 16 and samples["bild_engine_running"] == 0
+    assert samples["bild_engine_iterations_total"] > 0
+    assert samples['bild_generated_tokens_total{mode="exact",source="large"}'] >= 1
