@@ -2,7 +2,8 @@
 
 Each call to `step()` is one iteration:
   1. admit waiting requests in arrival order while slots and the token budget allow, and prefill
-     them (the large model's prefill already predicts the first token, so it is settled at once);
+     up to `max_prefill_tokens` prompt tokens (chunks of long prompts wait for later iterations);
+     the large model's prefill already predicts the first token, so it is settled at once;
   2. one batched small-model forward over every sequence that drafts (modes bild, exact, small);
      the fallback policy discards unconfident drafts and sends those sequences to the large model,
      as do sequences that reached `max_small_tokens` drafts, EOS or their length limit;
@@ -37,7 +38,9 @@ class SchedulerConfig:
     max_num_seqs: int = 16  # slots: sequences in the batch at once
     max_num_tokens: int = 16384  # tokens reserved (prompt + max_new_tokens) by running sequences
     max_seq_len: int = 2048  # context length of one sequence
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one iteration (at least one prompt)
+    # Prompt tokens prefilled per iteration: a long prompt is fed in chunks across iterations, so it
+    # delays the other streams by one chunk's forward at a time rather than by its whole prefill.
+    max_prefill_tokens: int = 512
 
 
 @dataclass(eq=False)  # compared by identity
@@ -50,6 +53,7 @@ class Sequence:
     emitted: int = 0
     small_cached: int = 0
     large_cached: int = 0
+    prefilled: int = 0  # prompt tokens both models have read
     finish: FinishReason | None = None
     cancelled: bool = False
 
@@ -142,8 +146,10 @@ class Scheduler:
 
     def step(self) -> list[StepOutput]:
         outputs = self._drop_cancelled()
-        started = self._admit()
-        self._draft_and_verify([s for s in self.running.values() if s not in started])
+        self._admit()
+        decoding = [s for s in self.running.values() if s.prefilled == s.prompt_len]
+        self._prefill([s for s in self.running.values() if s.prefilled < s.prompt_len])
+        self._draft_and_verify(decoding)
         now = time.monotonic()
         for seq in list(self.running.values()):
             out = self._settle(seq, now)
@@ -175,16 +181,12 @@ class Scheduler:
         self._cancelled.clear()
         return outputs
 
-    def _admit(self) -> list[Sequence]:
-        started: list[Sequence] = []
-        prefill_tokens = 0
+    def _admit(self) -> None:
         while self.waiting and self._free_slots:
             request = self.waiting[0]
             need = len(request.prompt) + request.params.max_new_tokens
             if self._reserved_tokens + need > self.config.max_num_tokens:
                 break  # strictly in order: a big request is not overtaken by smaller ones
-            if started and prefill_tokens + len(request.prompt) > self.config.max_prefill_tokens:
-                break
             self.waiting.popleft()
             self._free_slots.sort()
             context = self.large.initial_context(request.prompt)
@@ -194,32 +196,38 @@ class Scheduler:
             self.running[request.request_id] = seq
             request.stats.prompt_tokens = len(request.prompt)
             request.stats.queue_seconds = time.monotonic() - request.arrival
-            prefill_tokens += len(request.prompt)
-            started.append(seq)
-        if started:
-            self._prefill(started)
-        return started
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        small_seqs = [s for s in seqs if s.mode in DRAFTING_MODES]
-        large_seqs = [s for s in seqs if s.mode is not Mode.SMALL]
-        if small_seqs:
-            tokens = self.small.start([ForwardItem(s.slot, 0, s.context) for s in small_seqs]).argmax(-1).tolist()
-            for seq, token in zip(small_seqs, tokens):
-                seq.small_cached = seq.prompt_len
+        """Feed the next chunk of each admitted prompt, oldest first, within the per-iteration budget."""
+        budget = self.config.max_prefill_tokens
+        chunks: list[tuple[Sequence, ForwardItem]] = []
+        for seq in seqs:
+            n = min(budget, seq.prompt_len - seq.prefilled)
+            if n <= 0:
+                break
+            chunks.append((seq, ForwardItem(seq.slot, seq.prefilled, seq.context[seq.prefilled : seq.prefilled + n])))
+            budget -= n
+        small = [(s, item) for s, item in chunks if s.mode in DRAFTING_MODES]
+        large = [(s, item) for s, item in chunks if s.mode is not Mode.SMALL]
+        if small:
+            tokens = self.small.start([item for _, item in small]).argmax(-1).tolist()
+            for (seq, item), token in zip(small, tokens):
+                seq.small_cached = item.start + len(item.tokens)
                 seq.request.stats.small_forward_steps += 1
-                if seq.mode is Mode.SMALL:
+                if seq.mode is Mode.SMALL and seq.small_cached == seq.prompt_len:
                     seq.context.append(token)
                     seq.request.stats.small_tokens += 1
-        if large_seqs:
+        if large:
             # The large model must read the prompt anyway; its prediction is the first token.
-            tokens = self.large.start([ForwardItem(s.slot, 0, s.context) for s in large_seqs]).argmax(-1).tolist()
-            for seq, token in zip(large_seqs, tokens):
-                seq.large_cached = seq.prompt_len
-                seq.context.append(token)
+            tokens = self.large.start([item for _, item in large]).argmax(-1).tolist()
+            for (seq, item), token in zip(large, tokens):
+                seq.large_cached = item.start + len(item.tokens)
                 seq.request.stats.large_forward_calls += 1
-                seq.request.stats.large_tokens += 1
-        for seq in seqs:
+                if seq.large_cached == seq.prompt_len:
+                    seq.context.append(token)
+                    seq.request.stats.large_tokens += 1
+        for seq, item in chunks:
+            seq.prefilled = item.start + len(item.tokens)
             seq.settled = len(seq.context)
 
     def _draft_and_verify(self, seqs: list[Sequence]) -> None:

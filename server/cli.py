@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default: %(default)s)")
     budget.add_argument("--max-batch-tokens", type=int, default=32768, help="prompt + max_new_tokens reserved by running sequences (default: %(default)s)")
     budget.add_argument("--context-length", type=int, default=2048, help="longest prompt + generation, capped by the models (default: %(default)s)")
+    budget.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens prefilled per iteration; longer prompts are chunked (default: %(default)s)")
     budget.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         max_num_tokens=args.max_batch_tokens,
         max_seq_len=args.context_length,
         max_waiting=args.max_waiting,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
 
     def load():

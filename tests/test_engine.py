@@ -179,3 +179,21 @@ def test_impossible_requests_are_refused(models, kw, message):
     with pytest.raises(ValueError, match="token ids"):
         scheduler.add(Request("x", [5, tiny.VOCAB], SamplingParams()))
     assert not scheduler.has_work()
+
+
+def test_chunked_prefill_keeps_others_decoding_and_stays_exact(models, prompts, references):
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=6, max_prefill_tokens=7)
+    outputs, _ = run(scheduler, prompts, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2), JOIN_AT)
+    assert outputs == references
+    # A 40-token prompt joining a running sequence: the running one gets tokens in every iteration.
+    from scheduler.request import Request
+
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=2, max_prefill_tokens=7)
+    running = Request("running", prompts[0], params(Mode.LARGE, 30))
+    scheduler.add(running)
+    scheduler.step()
+    scheduler.add(Request("long", prompts[3], params(Mode.LARGE, 30)))
+    for _ in range(5):  # 40 prompt tokens take 6 iterations of 7
+        outs = scheduler.step()
+        assert [o.request.request_id for o in outs if o.tokens] == ["running"]
+    assert scheduler.running["long"].prefilled == 35
