@@ -23,6 +23,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fallback-threshold", type=float)
     p.add_argument("--rollback-threshold", type=float)
     p.add_argument("--max-small-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 or unset: greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--logprobs", type=int, metavar="N", help="return each token's log-probability and N alternatives")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--timeout", type=float, help="deadline in seconds")
@@ -50,6 +57,14 @@ async def run(args: argparse.Namespace) -> int:
                 fallback_threshold=args.fallback_threshold,
                 rollback_threshold=args.rollback_threshold,
                 max_small_tokens=args.max_small_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty,
+                seed=args.seed,
+                stop=args.stop,
+                logprobs=args.logprobs is not None,
+                top_logprobs=args.logprobs or 0,
                 timeout=args.timeout,
             ):
                 last = response

@@ -40,6 +40,16 @@ class BildClient:
         fallback_threshold: float | None = None,
         rollback_threshold: float | None = None,
         max_small_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        stop_token_ids: list[int] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         request_id: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[bild_pb2.GenerateResponse]:
@@ -50,11 +60,21 @@ class BildClient:
             max_new_tokens=max_new_tokens,
             mode=MODE_NAMES[mode] if isinstance(mode, str) else mode,
             request_id=request_id,
+            top_k=top_k,
+            stop=stop or [],
+            stop_token_ids=stop_token_ids or [],
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         for field, value in (
             ("fallback_threshold", fallback_threshold),
             ("rollback_threshold", rollback_threshold),
             ("max_small_tokens", max_small_tokens),
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("repetition_penalty", repetition_penalty),
+            ("seed", seed),
         ):
             if value is not None:
                 setattr(request, field, value)

@@ -17,6 +17,7 @@ from scheduler.request import Mode
 class Draft:
     token: int
     confidence: float  # the small model's top probability
+    q: torch.Tensor | None = None  # the distribution it was drawn from, kept for speculative sampling
 
 
 def drafts(last_logits: torch.Tensor) -> list[Draft]:

@@ -16,6 +16,7 @@ class Mode(enum.Enum):
 class FinishReason(enum.Enum):
     EOS = "eos"
     LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop token id (here) or a stop string (found by the server, which ends the request)
     CANCELLED = "cancelled"
     ERROR = "error"
 
@@ -28,6 +29,7 @@ DEFAULT_FALLBACK_THRESHOLD = 0.6
 DEFAULT_ROLLBACK_THRESHOLD = 3.0
 DEFAULT_MAX_SMALL_TOKENS = 10
 MAX_SMALL_TOKENS_LIMIT = 64
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,25 @@ class SamplingParams:
     fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD
     rollback_threshold: float = DEFAULT_ROLLBACK_THRESHOLD
     max_small_tokens: int = DEFAULT_MAX_SMALL_TOKENS
+    # Sampling; temperature 0 is greedy decoding, and the other knobs then do nothing.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    repetition_penalty: float = 1.0  # transformers' rule: logits of tokens already in the context shrink
+    seed: int | None = None  # None: a fresh seed per request
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the token rule is more than a plain argmax of the raw logits."""
+        return self.sampling or self.repetition_penalty != 1.0
 
     def validate(self) -> None:
         """Raise ValueError with a message meant for the person who sent the request."""
@@ -50,6 +71,18 @@ class SamplingParams:
             raise ValueError(
                 f"max_small_tokens must be within [1, {MAX_SMALL_TOKENS_LIMIT}], got {self.max_small_tokens}"
             )
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be within [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (no limit) or more, got {self.top_k}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be within (0, 10], got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be within [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError("seed must be within [0, 2**64)")
 
 
 @dataclass

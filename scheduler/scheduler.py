@@ -21,13 +21,18 @@ Bookkeeping per sequence, with `context` = prompt + generated tokens (drafts inc
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
+from scheduler.logprobs import TokenLogprob, token_logprobs
 from scheduler.model_runner import CausalLMRunner, ForwardItem
 from scheduler.policy import Draft, Verdict, VerifyRow, drafts, verify
-from scheduler.request import FinishReason, Mode, Request
+from scheduler.request import FinishReason, Mode, Request, SamplingParams
+from scheduler.sampling import DRAFT, TARGET, pick, process, verify_processed
 
 DRAFTING_MODES = (Mode.BILD, Mode.EXACT, Mode.SMALL)
 VERIFIED_MODES = (Mode.BILD, Mode.EXACT)
@@ -55,7 +60,15 @@ class Sequence:
     large_cached: int = 0
     prefilled: int = 0  # prompt tokens both models have read
     finish: FinishReason | None = None
-    cancelled: bool = False
+    stop_reason: str | None = None
+    seed: int = 0
+    end_tokens: frozenset[int] = frozenset()  # EOS (unless ignored) and the request's stop tokens
+    draft_q: list[torch.Tensor] = field(default_factory=list)  # q of each draft, for speculative sampling
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # by context position
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
 
     @property
     def mode(self) -> Mode:
@@ -77,6 +90,8 @@ class StepOutput:
     request: Request
     tokens: list[int] = field(default_factory=list)  # newly settled tokens, in order
     finish: FinishReason | None = None
+    stop_reason: str | None = None  # the stop token id that ended it, when finish is STOP
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
 
 class Scheduler:
@@ -119,9 +134,9 @@ class Scheduler:
                 f"prompt + max_new_tokens = {total} tokens exceeds the server's token budget "
                 f"of {self.config.max_num_tokens}"
             )
-        tokens = request.prompt + [0]
+        tokens = request.prompt + list(params.stop_token_ids)
         if max(tokens) >= self.large.vocab_size or min(tokens) < 0:
-            raise ValueError(f"token ids must be within [0, {self.large.vocab_size})")
+            raise ValueError(f"token ids (prompt and stop_token_ids) must be within [0, {self.large.vocab_size})")
 
     def add(self, request: Request) -> None:
         self.check(request)
@@ -191,7 +206,12 @@ class Scheduler:
             self._free_slots.sort()
             context = self.large.initial_context(request.prompt)
             n = len(context)
-            seq = Sequence(request, self._free_slots.pop(0), context, prompt_len=n, settled=n, emitted=n)
+            params = request.params
+            seq = Sequence(
+                request, self._free_slots.pop(0), context, prompt_len=n, settled=n, emitted=n,
+                seed=params.seed if params.seed is not None else random.getrandbits(64),
+                end_tokens=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
+            )
             self._reserved_tokens += seq.reserved
             self.running[request.request_id] = seq
             request.stats.prompt_tokens = len(request.prompt)
@@ -210,34 +230,48 @@ class Scheduler:
         small = [(s, item) for s, item in chunks if s.mode in DRAFTING_MODES]
         large = [(s, item) for s, item in chunks if s.mode is not Mode.SMALL]
         if small:
-            tokens = self.small.start([item for _, item in small]).argmax(-1).tolist()
-            for (seq, item), token in zip(small, tokens):
+            logits = self.small.start([item for _, item in small])
+            for (seq, item), row in zip(small, logits):
                 seq.small_cached = item.start + len(item.tokens)
                 seq.request.stats.small_forward_steps += 1
                 if seq.mode is Mode.SMALL and seq.small_cached == seq.prompt_len:
-                    seq.context.append(token)
-                    seq.request.stats.small_tokens += 1
+                    self._append_first(seq, row, DRAFT)
         if large:
             # The large model must read the prompt anyway; its prediction is the first token.
-            tokens = self.large.start([item for _, item in large]).argmax(-1).tolist()
-            for (seq, item), token in zip(large, tokens):
+            logits = self.large.start([item for _, item in large])
+            for (seq, item), row in zip(large, logits):
                 seq.large_cached = item.start + len(item.tokens)
                 seq.request.stats.large_forward_calls += 1
                 if seq.large_cached == seq.prompt_len:
-                    seq.context.append(token)
-                    seq.request.stats.large_tokens += 1
+                    self._append_first(seq, row, TARGET)
         for seq, item in chunks:
             seq.prefilled = item.start + len(item.tokens)
             seq.settled = len(seq.context)
+
+    def _append_first(self, seq: Sequence, logits: torch.Tensor, purpose: int) -> None:
+        """The first generated token, from the last prompt position's [V] logits."""
+        params = seq.params
+        probs = process(logits[None], params, [seq.context])[0]
+        token = pick(probs, params, seq.seed, len(seq.context), purpose)
+        if params.logprobs:
+            seq.logprobs[len(seq.context)] = token_logprobs(logits[None], [token], params.top_logprobs)[0]
+        seq.context.append(token)
+        if purpose == DRAFT:
+            seq.request.stats.small_tokens += 1
+        else:
+            seq.request.stats.large_tokens += 1
 
     def _draft_and_verify(self, seqs: list[Sequence]) -> None:
         drafting = [s for s in seqs if s.mode in DRAFTING_MODES]
         to_large = [s for s in seqs if s.mode is Mode.LARGE]
         if drafting:
             items = [ForwardItem(s.slot, s.small_cached, s.context[s.small_cached :]) for s in drafting]
-            proposals = drafts(self.small.forward(items, all_logits=False)[:, -1])
-            for seq, proposal in zip(drafting, proposals):
-                if self._take_draft(seq, proposal):
+            logits = self.small.forward(items, all_logits=False)[:, -1]
+            proposals = drafts(logits)  # greedy drafts of the whole batch at once
+            for b, seq in enumerate(drafting):
+                if seq.params.processes_logits or (seq.mode is Mode.SMALL and seq.params.logprobs):
+                    proposals[b] = self._processed_draft(seq, logits[b])
+                if self._take_draft(seq, proposals[b]):
                     to_large.append(seq)
         if to_large:
             # With large_cached = settled - 1, each sequence feeds its newest settled token and then
@@ -245,8 +279,29 @@ class Scheduler:
             items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in to_large]
             logits = self.large.forward(items, all_logits=True)
             rows = [VerifyRow(item.tokens, s.mode, s.request.params.rollback_threshold) for s, item in zip(to_large, items)]
-            for seq, verdict in zip(to_large, verify(logits, rows)):
-                self._take_verdict(seq, verdict)
+            verdicts = verify(logits, rows)  # the greedy policy for the whole batch at once
+            width = logits.shape[1]
+            for b, (seq, item) in enumerate(zip(to_large, items)):
+                own = logits[b, width - len(item.tokens) :]  # this row's columns, without left padding
+                if seq.params.processes_logits:
+                    contexts = [seq.context[: seq.settled + i] for i in range(len(item.tokens))]
+                    verdicts[b] = verify_processed(
+                        own, item.tokens[1:], contexts, seq.params, seq.seed, seq.settled, seq.draft_q
+                    )
+                if seq.params.logprobs:
+                    kept = item.tokens[1 : verdicts[b].accepted + 1] + [verdicts[b].next_token]
+                    for i, lp in enumerate(token_logprobs(own[: len(kept)], kept, seq.params.top_logprobs)):
+                        seq.logprobs[seq.settled + i] = lp
+                self._take_verdict(seq, verdicts[b])
+
+    def _processed_draft(self, seq: Sequence, logits: torch.Tensor) -> Draft:
+        """A draft under the request's rule (sampling, penalties), keeping q for speculative sampling."""
+        params, position = seq.params, len(seq.context)
+        q = process(logits[None], params, [seq.context])[0]
+        token = pick(q, params, seq.seed, position, DRAFT)
+        if seq.mode is Mode.SMALL and params.logprobs:
+            seq.logprobs[position] = token_logprobs(logits[None], [token], params.top_logprobs)[0]
+        return Draft(token, float(q.max()), q if params.sampling and seq.mode is Mode.EXACT else None)
 
     def _take_draft(self, seq: Sequence, proposal: Draft) -> bool:
         """Apply the fallback policy to one small-model step; True if the large model must run now."""
@@ -262,8 +317,10 @@ class Scheduler:
             stats.fallbacks += 1
             return True
         seq.context.append(proposal.token)
+        if proposal.q is not None:
+            seq.draft_q.append(proposal.q)
         at_limit = len(seq.context) - seq.prompt_len >= params.max_new_tokens
-        if seq.drafted >= params.max_small_tokens or proposal.token in self.eos_token_ids or at_limit:
+        if seq.drafted >= params.max_small_tokens or proposal.token in seq.end_tokens or at_limit:
             # Forced fallback: too many drafts in a row, or the draft would end the sequence,
             # and every emitted token must pass the rollback check first.
             stats.fallbacks += 1
@@ -280,19 +337,23 @@ class Scheduler:
         seq.large_cached = keep
         seq.small_cached = min(seq.small_cached, keep)
         seq.settled = len(seq.context)
+        seq.draft_q.clear()
         stats.small_tokens += verdict.accepted
         stats.large_tokens += 1
         stats.rollbacks += int(verdict.rolled_back)
 
     def _settle(self, seq: Sequence, now: float) -> StepOutput | None:
-        """Hand out newly settled tokens; end the sequence at EOS or its length limit."""
-        limit = seq.prompt_len + seq.request.params.max_new_tokens
+        """Hand out newly settled tokens; end the sequence at EOS, a stop token or its length limit."""
+        limit = seq.prompt_len + seq.params.max_new_tokens
         end = min(seq.settled, limit)
         new = seq.context[seq.emitted : end]
         for i, token in enumerate(new):
-            if token in self.eos_token_ids:
+            if token in seq.end_tokens:
                 new = new[: i + 1]
-                seq.finish = FinishReason.EOS
+                if token in seq.params.stop_token_ids:
+                    seq.finish, seq.stop_reason = FinishReason.STOP, str(token)
+                else:
+                    seq.finish = FinishReason.EOS
                 break
         if seq.finish is None and end >= limit:
             seq.finish = FinishReason.LENGTH
@@ -301,11 +362,14 @@ class Scheduler:
         stats = seq.request.stats
         if new and seq.emitted == seq.prompt_len:
             stats.first_token_seconds = now - seq.request.arrival
+        logprobs = None
+        if seq.params.logprobs:
+            logprobs = [seq.logprobs.pop(seq.emitted + i) for i in range(len(new))]
         seq.emitted += len(new)
         stats.generated_tokens = seq.emitted - seq.prompt_len
         if seq.finish is not None:
             self._release(seq)
-        return StepOutput(seq.request, new, seq.finish)
+        return StepOutput(seq.request, new, seq.finish, seq.stop_reason, logprobs)
 
     def _release(self, seq: Sequence) -> None:
         del self.running[seq.request.request_id]

@@ -21,8 +21,8 @@ from scheduler.request import (
     RequestStats,
     SamplingParams,
 )
-from server.detokenizer import IncrementalDetokenizer
 from server.metrics import Metrics
+from server.responses import ResponseBuilder
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ MODES = {
     bild_pb2.DECODING_MODE_SMALL: Mode.SMALL,
 }
 MODE_ENUMS = {mode: number for number, mode in MODES.items()}
-FINISH_REASONS = {FinishReason.EOS: bild_pb2.FINISH_REASON_EOS, FinishReason.LENGTH: bild_pb2.FINISH_REASON_LENGTH}
 CHAT_ROLES = ("system", "user", "assistant")
 # A prompt this many times the context length in characters cannot fit; refuse it before tokenizing.
 MAX_CHARS_PER_TOKEN = 64
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,18 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             max_small_tokens=(
                 request.max_small_tokens if request.HasField("max_small_tokens") else config.defaults.max_small_tokens
             ),
+            temperature=request.temperature if request.HasField("temperature") else 0.0,
+            top_p=request.top_p if request.HasField("top_p") else 1.0,
+            top_k=request.top_k,
+            repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
+            seed=request.seed if request.HasField("seed") else None,
+            stop_token_ids=tuple(request.stop_token_ids),
+            ignore_eos=request.ignore_eos,
+            logprobs=request.logprobs or request.top_logprobs > 0,
+            top_logprobs=request.top_logprobs,
         )
+        if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         try:
             params.validate()
         except ValueError as error:
@@ -189,31 +200,25 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             await self._abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         record.stats = stream.stats
         request_id = request_id or stream.request.request_id
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        builder = ResponseBuilder(self.tokenizer, list(request.stop), request_id)
         async for output in stream:
             if output.finish in (FinishReason.ERROR, FinishReason.CANCELLED):
                 # Only the server ends a request this way (a failed forward, or shutting down).
                 code = grpc.StatusCode.INTERNAL if output.finish is FinishReason.ERROR else grpc.StatusCode.UNAVAILABLE
                 await self._abort(context, record, code, f"generation ended by the server ({output.finish.value})")
-            text = detokenizer.push(output.tokens)
-            if output.finish is None:
-                if output.tokens:
-                    yield bild_pb2.GenerateResponse(text=text, token_ids=output.tokens, request_id=request_id)
-                continue
-            stats = stream.stats
-            record.outcome = output.finish.value
-            yield bild_pb2.GenerateResponse(
-                text=text + detokenizer.flush(),
-                token_ids=output.tokens,
-                request_id=request_id,
-                finish_reason=FINISH_REASONS[output.finish],
-                stats=bild_pb2.GenerationStats(**stats.as_dict(), total_seconds=time.monotonic() - started),
-            )
-            log.info(
-                "request %s mode=%s prompt=%d generated=%d small=%d large=%d rollbacks=%d %.2fs",
-                request_id, params.mode.value, stats.prompt_tokens, stats.generated_tokens,
-                stats.small_tokens, stats.large_tokens, stats.rollbacks, time.monotonic() - started,
-            )
+            response = builder.build(output, stream.stats, time.monotonic() - started)
+            if response is not None:
+                yield response
+            if builder.finish is not None:
+                stream.cancel()  # a stop string: the engine may still be generating
+                break
+        stats = stream.stats
+        record.outcome = builder.finish.value if builder.finish else None
+        log.info(
+            "request %s mode=%s prompt=%d generated=%d small=%d large=%d rollbacks=%d %.2fs",
+            request_id, params.mode.value, stats.prompt_tokens, builder.sent_tokens,
+            stats.small_tokens, stats.large_tokens, stats.rollbacks, time.monotonic() - started,
+        )
 
     async def GetModelInfo(self, request: bild_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         if self.engine is None:

@@ -268,3 +268,49 @@ def test_prometheus_metrics(server):
     assert samples["bild_engine_free_slots"] == 16 and samples["bild_engine_running"] == 0
     assert samples["bild_engine_iterations_total"] > 0
     assert samples['bild_generated_tokens_total{mode="exact",source="large"}'] >= 1
+
+
+def test_stop_string_across_tokens_ends_the_stream_before_it(server, tokenizer):
+    text, ids, _ = complete(server.target, "stop here", max_new_tokens=40, mode="large", ignore_eos=True)
+    pieces = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
+    # A stop string that starts inside one token and ends inside a later one.
+    # (Random weights emit stray bytes; keep clear of the replacement characters they decode to.)
+    i = next(i for i in range(3, len(ids) - 1)
+             if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) - len(pieces[i]) >= 1
+             and "\ufffd" not in pieces[i + 1][len(pieces[i - 1]) :])
+    stop = pieces[i][-2:] + pieces[i + 1][len(pieces[i]) :][:1]
+    cut = text.find(stop)
+
+    async def go():
+        async with BildClient(server.target) as client:
+            return [r async for r in client.generate("stop here", max_new_tokens=40, mode="exact",
+                                                      ignore_eos=True, stop=["never-appears", stop], logprobs=True)]
+
+    responses = asyncio.run(go())
+    last = responses[-1]
+    assert "".join(r.text for r in responses) == text[:cut]
+    assert last.finish_reason == bild_pb2.FINISH_REASON_STOP and last.stop_reason == stop
+    sent = [t for r in responses for t in r.token_ids]
+    assert sent == ids[: len(sent)] and stop in tokenizer.decode(sent) and stop not in tokenizer.decode(sent[:-1])
+    assert last.stats.generated_tokens == len(sent)
+    assert sum(len(r.logprobs) for r in responses) == len(sent)
+
+
+def test_sampling_with_a_seed_is_reproducible_over_grpc(server):
+    kw = dict(max_new_tokens=30, mode="exact", temperature=1.0, top_p=0.9, seed=7, logprobs=True, top_logprobs=2)
+    first = complete(server.target, "sample", **kw)
+    second = complete(server.target, "sample", **kw)
+    assert first[1] == second[1] and first[0] == second[0]
+    other = complete(server.target, "sample", **{**kw, "seed": 8})
+    assert other[1] != first[1]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_logprobs=50), "top_logprobs"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop_token_ids=[10**6]), "stop_token_ids"),
+    (dict(stop=["x"] * 40), "stop strings"),
+])
+def test_bad_sampling_requests_are_invalid_argument(server, kw, message):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        complete(server.target, "hi", **kw)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x62ild/v1/bild.proto\x12\x07\x62ild.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbe\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.bild.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12#\n\x04mode\x18\x04 \x01(\x0e\x32\x15.bild.v1.DecodingMode\x12\x1f\n\x12\x66\x61llback_threshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12rollback_threshold\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1d\n\x10max_small_tokens\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x15\n\x13_fallback_thresholdB\x15\n\x13_rollback_thresholdB\x13\n\x11_max_small_tokens\"\x99\x02\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1b\n\x13small_forward_steps\x18\x03 \x01(\r\x12\x1b\n\x13large_forward_calls\x18\x04 \x01(\r\x12\x11\n\tfallbacks\x18\x05 \x01(\r\x12\x11\n\trollbacks\x18\x06 \x01(\r\x12\x14\n\x0csmall_tokens\x18\x07 \x01(\r\x12\x14\n\x0clarge_tokens\x18\x08 \x01(\r\x12\x15\n\rqueue_seconds\x18\t \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\n \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0b \x01(\x01\"\x9e\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.bild.v1.FinishReason\x12\'\n\x05stats\x18\x04 \x01(\x0b\x32\x18.bild.v1.GenerationStats\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x88\x03\n\tModelInfo\x12\x13\n\x0blarge_model\x18\x01 \x01(\t\x12\x13\n\x0bsmall_model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\r\x12+\n\x0c\x64\x65\x66\x61ult_mode\x18\t \x01(\x0e\x32\x15.bild.v1.DecodingMode\x12\"\n\x1a\x64\x65\x66\x61ult_fallback_threshold\x18\n \x01(\x02\x12\"\n\x1a\x64\x65\x66\x61ult_rollback_threshold\x18\x0b \x01(\x02\x12 \n\x18\x64\x65\x66\x61ult_max_small_tokens\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08*\x90\x01\n\x0c\x44\x65\x63odingMode\x12\x1d\n\x19\x44\x45\x43ODING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45\x43ODING_MODE_BILD\x10\x01\x12\x17\n\x13\x44\x45\x43ODING_MODE_EXACT\x10\x02\x12\x17\n\x13\x44\x45\x43ODING_MODE_LARGE\x10\x03\x12\x17\n\x13\x44\x45\x43ODING_MODE_SMALL\x10\x04*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x90\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x18.bild.v1.GenerateRequest\x1a\x19.bild.v1.GenerateResponse0\x01\x12@\n\x0cGetModelInfo\x12\x1c.bild.v1.GetModelInfoRequest\x1a\x12.bild.v1.ModelInfoB;\n\x0b\x64\x65v.bild.v1P\x01Z*github.com/bild/bild/gen/go/bild/v1;bildv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x62ild/v1/bild.proto\x12\x07\x62ild.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcb\x04\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.bild.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12#\n\x04mode\x18\x04 \x01(\x0e\x32\x15.bild.v1.DecodingMode\x12\x1f\n\x12\x66\x61llback_threshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12rollback_threshold\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1d\n\x10max_small_tokens\x18\x07 \x01(\rH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\n \x01(\x02H\x04\x88\x01\x01\x12\r\n\x05top_k\x18\x0b \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\r\x12\x12\n\nignore_eos\x18\x10 \x01(\x08\x12\x10\n\x08logprobs\x18\x11 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x12 \x01(\rB\x15\n\x13_fallback_thresholdB\x15\n\x13_rollback_thresholdB\x13\n\x11_max_small_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x99\x02\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1b\n\x13small_forward_steps\x18\x03 \x01(\r\x12\x1b\n\x13large_forward_calls\x18\x04 \x01(\r\x12\x11\n\tfallbacks\x18\x05 \x01(\r\x12\x11\n\trollbacks\x18\x06 \x01(\r\x12\x14\n\x0csmall_tokens\x18\x07 \x01(\r\x12\x14\n\x0clarge_tokens\x18\x08 \x01(\r\x12\x15\n\rqueue_seconds\x18\t \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\n \x01(\x01\x12\x15\n\rtotal_seconds\x18\x0b \x01(\x01\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"S\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12 \n\x03top\x18\x03 \x03(\x0b\x32\x13.bild.v1.TopLogprob\"\xdc\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.bild.v1.FinishReason\x12\'\n\x05stats\x18\x04 \x01(\x0b\x32\x18.bild.v1.GenerationStats\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.bild.v1.TokenLogprob\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x88\x03\n\tModelInfo\x12\x13\n\x0blarge_model\x18\x01 \x01(\t\x12\x13\n\x0bsmall_model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\r\x12+\n\x0c\x64\x65\x66\x61ult_mode\x18\t \x01(\x0e\x32\x15.bild.v1.DecodingMode\x12\"\n\x1a\x64\x65\x66\x61ult_fallback_threshold\x18\n \x01(\x02\x12\"\n\x1a\x64\x65\x66\x61ult_rollback_threshold\x18\x0b \x01(\x02\x12 \n\x18\x64\x65\x66\x61ult_max_small_tokens\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08*\x90\x01\n\x0c\x44\x65\x63odingMode\x12\x1d\n\x19\x44\x45\x43ODING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45\x43ODING_MODE_BILD\x10\x01\x12\x17\n\x13\x44\x45\x43ODING_MODE_EXACT\x10\x02\x12\x17\n\x13\x44\x45\x43ODING_MODE_LARGE\x10\x03\x12\x17\n\x13\x44\x45\x43ODING_MODE_SMALL\x10\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x90\x01\n\tGenerator\x12\x41\n\x08Generate\x12\x18.bild.v1.GenerateRequest\x1a\x19.bild.v1.GenerateResponse0\x01\x12@\n\x0cGetModelInfo\x12\x1c.bild.v1.GetModelInfoRequest\x1a\x12.bild.v1.ModelInfoB;\n\x0b\x64\x65v.bild.v1P\x01Z*github.com/bild/bild/gen/go/bild/v1;bildv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,22 +32,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bild.v1.bild_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013dev.bild.v1P\001Z*github.com/bild/bild/gen/go/bild/v1;bildv1'
-  _globals['_DECODINGMODE']._serialized_start=1262
-  _globals['_DECODINGMODE']._serialized_end=1406
-  _globals['_FINISHREASON']._serialized_start=1408
-  _globals['_FINISHREASON']._serialized_end=1502
+  _globals['_DECODINGMODE']._serialized_start=1727
+  _globals['_DECODINGMODE']._serialized_end=1871
+  _globals['_FINISHREASON']._serialized_start=1873
+  _globals['_FINISHREASON']._serialized_end=1991
   _globals['_CHATMESSAGE']._serialized_start=31
   _globals['_CHATMESSAGE']._serialized_end=75
   _globals['_GENERATEREQUEST']._serialized_start=78
-  _globals['_GENERATEREQUEST']._serialized_end=396
-  _globals['_GENERATIONSTATS']._serialized_start=399
-  _globals['_GENERATIONSTATS']._serialized_end=680
-  _globals['_GENERATERESPONSE']._serialized_start=683
-  _globals['_GENERATERESPONSE']._serialized_end=841
-  _globals['_GETMODELINFOREQUEST']._serialized_start=843
-  _globals['_GETMODELINFOREQUEST']._serialized_end=864
-  _globals['_MODELINFO']._serialized_start=867
-  _globals['_MODELINFO']._serialized_end=1259
-  _globals['_GENERATOR']._serialized_start=1505
-  _globals['_GENERATOR']._serialized_end=1649
+  _globals['_GENERATEREQUEST']._serialized_end=665
+  _globals['_GENERATIONSTATS']._serialized_start=668
+  _globals['_GENERATIONSTATS']._serialized_end=949
+  _globals['_TOPLOGPROB']._serialized_start=951
+  _globals['_TOPLOGPROB']._serialized_end=998
+  _globals['_TOKENLOGPROB']._serialized_start=1000
+  _globals['_TOKENLOGPROB']._serialized_end=1083
+  _globals['_GENERATERESPONSE']._serialized_start=1086
+  _globals['_GENERATERESPONSE']._serialized_end=1306
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1308
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1329
+  _globals['_MODELINFO']._serialized_start=1332
+  _globals['_MODELINFO']._serialized_end=1724
+  _globals['_GENERATOR']._serialized_start=1994
+  _globals['_GENERATOR']._serialized_end=2138
 # @@protoc_insertion_point(module_scope)
