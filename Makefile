@@ -30,5 +30,9 @@ proto: setup
 bench: setup
 	$(PY) bench/engine_speed.py $(ARGS)
 
+# Against a running server (make serve): N concurrent streams, a ghz-like summary.
+load: setup
+	$(PY) bench/load.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

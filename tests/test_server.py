@@ -314,3 +314,14 @@ def test_bad_sampling_requests_are_invalid_argument(server, kw, message):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         complete(server.target, "hi", **kw)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
+
+
+def test_load_generator_prints_a_summary(server):
+    out = subprocess.run(
+        [sys.executable, "bench/load.py", "--target", server.target, "-c", "4", "-n", "8", "--max-new-tokens", "8",
+         "--mode", "exact"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Count:        8" in out.stdout and "[OK]  8 responses" in out.stdout
+    assert "| first token |" in out.stdout
