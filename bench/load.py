@@ -32,6 +32,7 @@ class Results:
     inter_token: list[float] = field(default_factory=list)
     tokens: int = 0
     statuses: Counter = field(default_factory=Counter)
+    outputs: dict[int, list[int]] = field(default_factory=dict)  # prompt index -> token ids (last run of it)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -41,8 +42,9 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
-async def one_request(client: BildClient, messages, args, results: Results) -> None:
+async def one_request(client: BildClient, index: int, messages, args, results: Results) -> None:
     start = last = time.perf_counter()
+    ids: list[int] = []
     try:
         async for response in client.generate(messages=messages, max_new_tokens=args.max_new_tokens, mode=args.mode,
                                               timeout=args.timeout):
@@ -55,14 +57,20 @@ async def one_request(client: BildClient, messages, args, results: Results) -> N
                     results.inter_token.extend([(now - last) / len(response.token_ids)] * len(response.token_ids))
                 last = now
                 results.tokens += len(response.token_ids)
+                ids.extend(response.token_ids)
         results.latencies.append(time.perf_counter() - start)
+        results.outputs[index] = ids
         results.statuses["OK"] += 1
     except grpc.aio.AioRpcError as error:
         results.statuses[error.code().name] += 1
 
 
-async def run(args) -> Results:
-    rows = [json.loads(line)["messages"] for line in PROMPTS.read_text().splitlines() if line.strip()]
+def load_prompts() -> list[list[dict[str, str]]]:
+    return [json.loads(line)["messages"] for line in PROMPTS.read_text().splitlines() if line.strip()]
+
+
+async def run(args, rows: list | None = None) -> Results:
+    rows = rows or load_prompts()
     results = Results()
     deadline = time.perf_counter() + args.duration if args.duration else None
     issued = 0
@@ -70,9 +78,9 @@ async def run(args) -> Results:
     async def worker(client: BildClient) -> None:
         nonlocal issued
         while (args.requests is None or issued < args.requests) and (deadline is None or time.perf_counter() < deadline):
-            messages = rows[issued % len(rows)]
+            index = issued % len(rows)
             issued += 1
-            await one_request(client, messages, args, results)
+            await one_request(client, index, rows[index], args, results)
 
     async with BildClient(args.target) as client:
         await asyncio.gather(*[worker(client) for _ in range(args.concurrency)])

@@ -119,6 +119,12 @@ class Engine:
             self._cancels.append(request_id)
             self._wake.notify()
 
+    @property
+    def forward_seconds(self) -> float:
+        """Wall time in model forwards of both models (the rest of busy_seconds is scheduling)."""
+        runners = (self.scheduler.small, self.scheduler.large)
+        return sum(r.forward_seconds for r in runners if r is not None)
+
     def load(self) -> dict[str, int]:
         """A snapshot for metrics and health: how full the engine is."""
         return {

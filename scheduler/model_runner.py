@@ -13,6 +13,7 @@ The scheduler only ever sees "context tokens", so it does not change.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,7 @@ class CausalLMRunner:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._mask_min = torch.finfo(self.dtype).min
+        self.forward_seconds = 0.0  # wall time in model forwards, for the overhead profile
 
     def initial_context(self, prompt: list[int]) -> list[int]:
         return list(prompt)
@@ -106,6 +108,7 @@ class CausalLMRunner:
                 contiguous=slice(first, first + len(items)) if contiguous else None,
             )
         )
+        started = time.perf_counter()
         try:
             out = self.model(
                 input_ids=input_ids,
@@ -117,4 +120,8 @@ class CausalLMRunner:
             )
         finally:
             self.cache.layout = None
-        return out.logits
+        logits = out.logits
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # so the time is the forward's, not the next sync's
+        self.forward_seconds += time.perf_counter() - started
+        return logits

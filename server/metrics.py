@@ -32,6 +32,8 @@ class EngineCollector:
         yield CounterMetricFamily("bild_engine_iterations", "scheduler iterations run", value=engine.iterations)
         yield CounterMetricFamily("bild_engine_busy_seconds", "seconds spent in scheduler iterations",
                                   value=engine.busy_seconds)
+        yield CounterMetricFamily("bild_engine_forward_seconds", "seconds of those spent in model forwards",
+                                  value=engine.forward_seconds)
 
 
 class Metrics:

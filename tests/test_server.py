@@ -267,6 +267,7 @@ def test_prometheus_metrics(server):
     assert sum(v for k, v in samples.items() if 'outcome="invalid_argument"' in k and k.startswith("bild_requests_total")) >= 1
     assert samples["bild_engine_free_slots"] == 16 and samples["bild_engine_running"] == 0
     assert samples["bild_engine_iterations_total"] > 0
+    assert 0 < samples["bild_engine_forward_seconds_total"] <= samples["bild_engine_busy_seconds_total"]
     assert samples['bild_generated_tokens_total{mode="exact",source="large"}'] >= 1
 
 
