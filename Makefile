@@ -5,7 +5,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test proto bench align load clean
+.PHONY: setup serve test proto bench bench-engine align load clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,14 @@ test: setup
 proto: setup
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/bild/v1/bild.proto
 
+# The comparison with transformers (generate, assisted generation), the gRPC concurrency table, the
+# bild threshold sweep and the overhead profile; writes bench/results/compare.md and a Pareto plot.
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/compare.py $(ARGS)
+
+# Just the engine: tokens/s of modes large, exact and bild at batch 1 and 8.
+bench-engine: setup
 	$(PY) bench/engine_speed.py $(ARGS)
 
 # Against a running server (make serve): N concurrent streams, a ghz-like summary.

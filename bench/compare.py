@@ -264,7 +264,7 @@ def main() -> None:
             emit(f"| {rb:g} | " + " | ".join(cells) + " |")
         plot(points, args.out / "sweep_pareto.png")
         emit()
-        emit("Pareto plot: `bench/results/sweep_pareto.png` (labels: rollback,fallback).")
+        emit(f"Pareto plot: `{args.out / 'sweep_pareto.png'}` (labels: rollback,fallback).")
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")
