@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,11 +71,10 @@ class RequestStream:
 class Engine:
     def __init__(self, pair: ModelPair, config: EngineConfig = EngineConfig()) -> None:
         self.pair = pair
-        self.config = config
-        max_seq_len = min(config.max_seq_len, pair.context_length)
-        self.config = config = EngineConfig(**{**config.__dict__, "max_seq_len": max_seq_len})
-        large = CausalLMRunner(pair.large, config.max_num_seqs, max_seq_len)
-        small = CausalLMRunner(pair.small, config.max_num_seqs, max_seq_len) if pair.small is not None else None
+        # The context can be no longer than the models' positions allow.
+        self.config = config = replace(config, max_seq_len=min(config.max_seq_len, pair.context_length))
+        large = CausalLMRunner(pair.large, config.max_num_seqs, config.max_seq_len)
+        small = CausalLMRunner(pair.small, config.max_num_seqs, config.max_seq_len) if pair.small is not None else None
         self.scheduler = Scheduler(small, large, config, pair.eos_token_ids)
         self._streams: dict[str, RequestStream] = {}
         self._inbox: list[Request] = []
