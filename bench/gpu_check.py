@@ -32,7 +32,8 @@ def llama(hidden, layers, heads, kv, inter, vocab, init=0.02, seed=0, device="cu
 
 
 def run(scheduler, prompts, params):
-    reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    reqs = [Request(str(i), p, q) for i, (p, q) in enumerate(zip(prompts, params))]
     out = {r.request_id: [] for r in reqs}
     for r in reqs:
         scheduler.add(r)
@@ -69,6 +70,29 @@ def exactness(device, dtype):
     same = sum(o == r for o, r in zip(outs, refs))
     tokens = sum(a == b for o, r in zip(outs, refs) for a, b in zip(o, r)) / sum(map(len, refs))
     print(f"exact mode vs generate on {device} {dtype}: {same}/8 sequences identical, {tokens:.1%} of tokens")
+
+
+def sampling_check(device, dtype):
+    """Seeded sampling on the device: the same request alone and inside a busy batch gives the same tokens."""
+    large = llama(64, 2, 4, 2, 128, 512, init=0.5, seed=1, device=device, dtype=dtype)
+    small = llama(64, 2, 4, 2, 128, 512, init=0.5, seed=1, device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(torch.randn_like(p) * 0.02 * p.float().std().to(p.dtype))
+
+    def sched(slots):
+        return Scheduler(CausalLMRunner(small, slots, 256), CausalLMRunner(large, slots, 256),
+                         SchedulerConfig(max_num_seqs=slots, max_num_tokens=4096, max_seq_len=256), {2})
+
+    same = 0
+    for mode in (Mode.EXACT, Mode.BILD, Mode.LARGE, Mode.SMALL):
+        p = SamplingParams(mode=mode, max_new_tokens=40, temperature=0.9, top_p=0.95, seed=7, fallback_threshold=0.1,
+                           logprobs=True, top_logprobs=2)
+        alone, _ = run(sched(1), [[5, 6, 7]], p)
+        others = [SamplingParams(mode=Mode.EXACT, max_new_tokens=30, temperature=1.0, seed=s) for s in range(7)]
+        busy, _ = run(sched(8), [[9, 9, i] for i in range(7)] + [[5, 6, 7]], others + [p])
+        same += busy[-1] == alone[0]
+    print(f"seeded sampling on {device} {dtype}: {same}/4 modes reproduce alone vs in a busy batch")
 
 
 def forward_costs(device, dtype, large, small, batches, ctx=256):
@@ -122,6 +146,7 @@ def main():
     exactness(device, torch.float32)
     if device == "cuda":
         exactness(device, torch.bfloat16)
+    sampling_check(device, torch.float32)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.smoke:
         large = llama(128, 2, 4, 2, 256, 1000, device=device, dtype=dtype)
