@@ -28,9 +28,18 @@ class QueueFull(Exception):
     """The engine's waiting queue is at its limit; the client should retry later."""
 
 
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no more requests."""
+
+
 @dataclass(frozen=True)
 class EngineConfig(SchedulerConfig):
     max_waiting: int = 256  # queued requests beyond the running batch; more are refused
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be 0 or more, got {self.max_waiting}")
 
 
 class RequestStream:
@@ -104,6 +113,8 @@ class Engine:
         self.scheduler.check(request)
         stream = RequestStream(self, request)
         with self._wake:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
             # Requests in the inbox may still take a free slot; only the rest count as waiting.
             pending = len(self._inbox) + len(self.scheduler.waiting) - self.scheduler.free_slots
             if pending >= self.config.max_waiting:
@@ -145,21 +156,29 @@ class Engine:
                     break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+            rejected = []
             for request in inbox:
-                self.scheduler.add(request)
+                try:
+                    self.scheduler.add(request)
+                except ValueError:  # checked at submit already; never let it stop this thread
+                    log.exception("request %s refused by the scheduler", request.request_id)
+                    rejected.append(StepOutput(request, finish=FinishReason.ERROR))
             for request_id in cancels:
                 self.scheduler.cancel(request_id)
             started = time.perf_counter()
             try:
-                outputs = self.scheduler.step()
+                outputs = rejected + self.scheduler.step()
             except Exception:
-                # A failed forward must not take the server down: end what was in flight, go on.
-                log.exception("engine iteration failed; ending the requests in flight")
-                outputs = self.scheduler.abort_all(FinishReason.ERROR)
+                # A failed forward must not take the server down: end what was in the batch, go on.
+                log.exception("engine iteration failed; ending the requests in the batch")
+                outputs = rejected + self.scheduler.abort_running(FinishReason.ERROR)
             self.iterations += 1
             self.busy_seconds += time.perf_counter() - started
             self._deliver(outputs)
-        self._deliver(self.scheduler.abort_all(FinishReason.CANCELLED))
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        stranded = [StepOutput(request, finish=FinishReason.CANCELLED) for request in inbox]
+        self._deliver(stranded + self.scheduler.abort_all(FinishReason.CANCELLED))
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for output in outputs:

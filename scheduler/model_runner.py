@@ -48,6 +48,7 @@ class CausalLMRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_limit = self.vocab_size  # logits beyond this are cut off (see Scheduler)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.cache = SlotKVCache(
@@ -58,6 +59,7 @@ class CausalLMRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._mask_min = torch.finfo(self.dtype).min
         self.forward_seconds = 0.0  # wall time in model forwards, for the overhead profile
+        self.kv_bucket = 128 if self.device.type == "cuda" else 16
 
     def initial_context(self, prompt: list[int]) -> list[int]:
         return list(prompt)
@@ -90,7 +92,9 @@ class CausalLMRunner:
         for row, item in enumerate(items):
             input_ids[row, width - len(item.tokens) :] = torch.tensor(item.tokens, device=device)
 
-        kv_len = int((starts + lengths).max())
+        # Rounding the attended length up to a bucket keeps the set of shapes small, so CUDA kernels
+        # are chosen once per bucket rather than once per token; the extra positions are masked.
+        kv_len = min(self.cache.max_len, -(-int((starts + lengths).max()) // self.kv_bucket) * self.kv_bucket)
         # Query at position p sees keys 0..p of its own row; a padding query sees key 0 only, which
         # is always written, so no row of the softmax is empty.
         visible = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]  # [B, Q, K]
@@ -120,7 +124,7 @@ class CausalLMRunner:
             )
         finally:
             self.cache.layout = None
-        logits = out.logits
+        logits = out.logits[..., : self.vocab_limit]
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # so the time is the forward's, not the next sync's
         self.forward_seconds += time.perf_counter() - started

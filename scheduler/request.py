@@ -28,8 +28,9 @@ class FinishReason(enum.Enum):
 DEFAULT_FALLBACK_THRESHOLD = 0.6
 DEFAULT_ROLLBACK_THRESHOLD = 3.0
 DEFAULT_MAX_SMALL_TOKENS = 10
-MAX_SMALL_TOKENS_LIMIT = 64
+MAX_SMALL_TOKENS_LIMIT = 32  # it also bounds the width of the verification forward
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,17 @@ class SamplingParams:
             raise ValueError(
                 f"max_small_tokens must be within [1, {MAX_SMALL_TOKENS_LIMIT}], got {self.max_small_tokens}"
             )
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be within [0, 100], got {self.temperature}")
+        if not (self.temperature == 0.0 or 0.01 <= self.temperature <= 100.0):
+            # Below 0.01 the scaled logits overflow; such a temperature is greedy decoding anyway.
+            raise ValueError(f"temperature must be 0 (greedy) or within [0.01, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (no limit) or more, got {self.top_k}")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            raise ValueError(f"repetition_penalty must be within (0, 10], got {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be within [0.01, 10], got {self.repetition_penalty}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be within [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**64:

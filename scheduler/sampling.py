@@ -82,8 +82,9 @@ def draw(probs: torch.Tensor, u: float) -> int:
     cdf = probs.cumsum(-1)
     index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], device=probs.device)))
     index = min(index, probs.shape[-1] - 1)
-    while probs[index] <= 0 and index > 0:  # never land on a zero-probability token at the edge
-        index -= 1
+    if probs[index] <= 0:  # only at the very edges of the CDF: take the nearest possible token
+        possible = torch.nonzero(probs > 0)[:, 0]
+        index = int(possible[(possible - index).abs().argmin()])
     return index
 
 

@@ -47,6 +47,11 @@ class SchedulerConfig:
     # delays the other streams by one chunk's forward at a time rather than by its whole prefill.
     max_prefill_tokens: int = 512
 
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_tokens", "max_seq_len", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
 
 @dataclass(eq=False)  # compared by identity
 class Sequence:
@@ -64,6 +69,7 @@ class Sequence:
     seed: int = 0
     end_tokens: frozenset[int] = frozenset()  # EOS (unless ignored) and the request's stop tokens
     draft_q: list[torch.Tensor] = field(default_factory=list)  # q of each draft, for speculative sampling
+    large_chosen: set[int] = field(default_factory=set)  # context positions whose token the large model chose
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # by context position
 
     @property
@@ -104,6 +110,10 @@ class Scheduler:
     ) -> None:
         self.small = small
         self.large = large
+        if small is not None:
+            # Pairs such as Qwen2.5 0.5B/7B pad their output layers differently; both models score
+            # the tokens they share, and the padding ids (no tokenizer entry) are never produced.
+            small.vocab_limit = large.vocab_limit = min(small.vocab_size, large.vocab_size)
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Request] = deque()
@@ -112,6 +122,8 @@ class Scheduler:
         self._free_slots = list(range(config.max_num_seqs))
         self._reserved_tokens = 0
         self._cancelled: set[str] = set()
+        # Outputs of the iteration under way; kept here so a failing forward cannot lose them.
+        self._outputs: list[StepOutput] = []
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -135,8 +147,8 @@ class Scheduler:
                 f"of {self.config.max_num_tokens}"
             )
         tokens = request.prompt + list(params.stop_token_ids)
-        if max(tokens) >= self.large.vocab_size or min(tokens) < 0:
-            raise ValueError(f"token ids (prompt and stop_token_ids) must be within [0, {self.large.vocab_size})")
+        if max(tokens) >= self.large.vocab_limit or min(tokens) < 0:
+            raise ValueError(f"token ids (prompt and stop_token_ids) must be within [0, {self.large.vocab_limit})")
 
     def add(self, request: Request) -> None:
         self.check(request)
@@ -160,7 +172,7 @@ class Scheduler:
     # ---- one iteration -------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        outputs = self._drop_cancelled()
+        self._drop_cancelled()
         self._admit()
         decoding = [s for s in self.running.values() if s.prefilled == s.prompt_len]
         self._prefill([s for s in self.running.values() if s.prefilled < s.prompt_len])
@@ -169,32 +181,38 @@ class Scheduler:
         for seq in list(self.running.values()):
             out = self._settle(seq, now)
             if out is not None:
-                outputs.append(out)
+                self._outputs.append(out)
+        return self._take_outputs()
+
+    def _take_outputs(self) -> list[StepOutput]:
+        outputs, self._outputs = self._outputs, []
         return outputs
 
-    def abort_all(self, reason: FinishReason) -> list[StepOutput]:
-        """End every request, for example after a failed forward; the engine stays usable."""
-        outputs = [StepOutput(request, finish=reason) for request in self.waiting]
-        self.waiting.clear()
+    def abort_running(self, reason: FinishReason) -> list[StepOutput]:
+        """End the requests in the batch, e.g. after a failed forward; waiting ones stay queued."""
         for seq in list(self.running.values()):
             seq.finish = reason
-            outputs.append(StepOutput(seq.request, finish=reason))
+            self._outputs.append(StepOutput(seq.request, finish=reason))
             self._release(seq)
-        return outputs
+        return self._take_outputs()
 
-    def _drop_cancelled(self) -> list[StepOutput]:
-        outputs = []
+    def abort_all(self, reason: FinishReason) -> list[StepOutput]:
+        """End every request, running and waiting (the engine is stopping)."""
+        self._outputs.extend(StepOutput(request, finish=reason) for request in self.waiting)
+        self.waiting.clear()
+        return self.abort_running(reason)
+
+    def _drop_cancelled(self) -> None:
         if not self._cancelled:
-            return outputs
+            return
         for request in [r for r in self.waiting if r.request_id in self._cancelled]:
             self.waiting.remove(request)
-            outputs.append(StepOutput(request, finish=FinishReason.CANCELLED))
+            self._outputs.append(StepOutput(request, finish=FinishReason.CANCELLED))
         for seq in [s for s in self.running.values() if s.request.request_id in self._cancelled]:
             seq.finish = FinishReason.CANCELLED
-            outputs.append(StepOutput(seq.request, finish=FinishReason.CANCELLED))
+            self._outputs.append(StepOutput(seq.request, finish=FinishReason.CANCELLED))
             self._release(seq)
         self._cancelled.clear()
-        return outputs
 
     def _admit(self) -> None:
         while self.waiting and self._free_slots:
@@ -255,11 +273,9 @@ class Scheduler:
         token = pick(probs, params, seq.seed, len(seq.context), purpose)
         if params.logprobs:
             seq.logprobs[len(seq.context)] = token_logprobs(logits[None], [token], params.top_logprobs)[0]
+        if purpose == TARGET:
+            seq.large_chosen.add(len(seq.context))
         seq.context.append(token)
-        if purpose == DRAFT:
-            seq.request.stats.small_tokens += 1
-        else:
-            seq.request.stats.large_tokens += 1
 
     def _draft_and_verify(self, seqs: list[Sequence]) -> None:
         drafting = [s for s in seqs if s.mode in DRAFTING_MODES]
@@ -311,7 +327,6 @@ class Scheduler:
         if seq.mode is Mode.SMALL:
             seq.context.append(proposal.token)
             seq.settled = len(seq.context)
-            stats.small_tokens += 1
             return False
         if proposal.confidence < params.fallback_threshold:
             stats.fallbacks += 1
@@ -333,13 +348,12 @@ class Scheduler:
         stats.large_forward_calls += 1
         keep = seq.settled + verdict.accepted
         del seq.context[keep:]
+        seq.large_chosen.add(keep)
         seq.context.append(verdict.next_token)
         seq.large_cached = keep
         seq.small_cached = min(seq.small_cached, keep)
         seq.settled = len(seq.context)
         seq.draft_q.clear()
-        stats.small_tokens += verdict.accepted
-        stats.large_tokens += 1
         stats.rollbacks += int(verdict.rolled_back)
 
     def _settle(self, seq: Sequence, now: float) -> StepOutput | None:
@@ -365,6 +379,9 @@ class Scheduler:
         logprobs = None
         if seq.params.logprobs:
             logprobs = [seq.logprobs.pop(seq.emitted + i) for i in range(len(new))]
+        from_large = sum(seq.emitted + i in seq.large_chosen for i in range(len(new)))
+        stats.large_tokens += from_large
+        stats.small_tokens += len(new) - from_large
         seq.emitted += len(new)
         stats.generated_tokens = seq.emitted - seq.prompt_len
         if seq.finish is not None:

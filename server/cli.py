@@ -64,7 +64,19 @@ def main(argv: list[str] | None = None) -> None:
         rollback_threshold=args.rollback_threshold,
         max_small_tokens=args.max_small_tokens,
     )
-    defaults.validate()
+    try:
+        defaults.validate()
+        if not 1 <= args.max_new_tokens <= args.max_new_tokens_limit:
+            raise ValueError("--max-new-tokens must be at least 1 and at most --max-new-tokens-limit")
+        engine_config = EngineConfig(
+            max_num_seqs=args.max_batch_size,
+            max_num_tokens=args.max_batch_tokens,
+            max_seq_len=args.context_length,
+            max_waiting=args.max_waiting,
+            max_prefill_tokens=args.max_prefill_tokens,
+        )
+    except ValueError as error:
+        raise SystemExit(f"bild-server: {error}") from None
     service_config = ServiceConfig(
         default_mode=mode,
         default_max_new_tokens=args.max_new_tokens,
@@ -74,13 +86,6 @@ def main(argv: list[str] | None = None) -> None:
         small_name=small or "",
         device=args.device,
         dtype=args.dtype,
-    )
-    engine_config = EngineConfig(
-        max_num_seqs=args.max_batch_size,
-        max_num_tokens=args.max_batch_tokens,
-        max_seq_len=args.context_length,
-        max_waiting=args.max_waiting,
-        max_prefill_tokens=args.max_prefill_tokens,
     )
 
     def load():

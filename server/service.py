@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -11,7 +12,7 @@ import grpc
 from transformers import PreTrainedTokenizerBase
 
 from bild.v1 import bild_pb2, bild_pb2_grpc
-from scheduler.engine import Engine, QueueFull
+from scheduler.engine import Engine, EngineStopped, QueueFull
 from scheduler.request import (
     DEFAULT_FALLBACK_THRESHOLD,
     DEFAULT_MAX_SMALL_TOKENS,
@@ -37,6 +38,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 # A prompt this many times the context length in characters cannot fit; refuse it before tokenizing.
 MAX_CHARS_PER_TOKEN = 64
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+MAX_REQUEST_ID = 128
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
 
     def _params(self, request: bild_pb2.GenerateRequest) -> SamplingParams:
         config = self.config
+        if len(request.request_id) > MAX_REQUEST_ID or not request.request_id.isprintable():
+            raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID} printable characters")
         if request.mode == bild_pb2.DECODING_MODE_UNSPECIFIED:
             mode = config.default_mode
         elif request.mode in MODES:
@@ -193,25 +197,33 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             params = self._params(request)
             record.mode = params.mode.value
             prompt = await asyncio.to_thread(self._prompt_ids, request)
+            if not request.max_new_tokens:
+                # The server's default never asks for more than the context has room for.
+                room = self.engine.config.max_seq_len - len(prompt)
+                params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
             stream = self.engine.submit(prompt, params)
         except ValueError as error:  # InvalidRequest, and the engine's own checks
             await self._abort(context, record, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except QueueFull as error:
             await self._abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except EngineStopped as error:
+            await self._abort(context, record, grpc.StatusCode.UNAVAILABLE, str(error))
         record.stats = stream.stats
         request_id = request_id or stream.request.request_id
         builder = ResponseBuilder(self.tokenizer, list(request.stop), request_id)
-        async for output in stream:
-            if output.finish in (FinishReason.ERROR, FinishReason.CANCELLED):
-                # Only the server ends a request this way (a failed forward, or shutting down).
-                code = grpc.StatusCode.INTERNAL if output.finish is FinishReason.ERROR else grpc.StatusCode.UNAVAILABLE
-                await self._abort(context, record, code, f"generation ended by the server ({output.finish.value})")
-            response = builder.build(output, stream.stats, time.monotonic() - started)
-            if response is not None:
-                yield response
-            if builder.finish is not None:
-                stream.cancel()  # a stop string: the engine may still be generating
-                break
+        # aclosing: if this handler is cancelled, the engine request is cancelled now, not at GC time.
+        async with contextlib.aclosing(stream.__aiter__()) as outputs:
+            async for output in outputs:
+                if output.finish in (FinishReason.ERROR, FinishReason.CANCELLED):
+                    # Only the server ends a request this way (a failed forward, or shutting down).
+                    code = grpc.StatusCode.INTERNAL if output.finish is FinishReason.ERROR else grpc.StatusCode.UNAVAILABLE
+                    await self._abort(context, record, code, f"generation ended by the server ({output.finish.value})")
+                response = builder.build(output, stream.stats, time.monotonic() - started)
+                if response is not None:
+                    yield response
+                if builder.finish is not None:
+                    stream.cancel()  # a stop string: the engine may still be generating
+                    break
         stats = stream.stats
         record.outcome = builder.finish.value if builder.finish else None
         log.info(
@@ -229,7 +241,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             small_model=config.small_name,
             dtype=config.dtype,
             device=config.device,
-            vocab_size=engine.scheduler.large.vocab_size,
+            vocab_size=engine.scheduler.large.vocab_limit,
             context_length=engine.config.max_seq_len,
             max_new_tokens_limit=config.max_new_tokens_limit,
             default_max_new_tokens=config.default_max_new_tokens,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from scheduler.engine import Engine, EngineConfig, QueueFull
+from scheduler.engine import Engine, EngineConfig, EngineStopped, QueueFull
 from scheduler.pair import load_pair
 from scheduler.request import FinishReason, Mode, SamplingParams
 
@@ -87,3 +87,20 @@ def test_submit_refuses_impossible_requests_and_a_full_queue(pair):
             s.cancel()
 
     with_engine(pair, scenario, max_waiting=1)
+
+
+def test_a_stopped_engine_ends_queued_requests_and_refuses_new_ones(pair):
+    async def scenario():
+        engine = Engine(pair, EngineConfig(max_num_seqs=1, max_seq_len=512))
+        engine.start()
+        busy = SamplingParams(mode=Mode.LARGE, max_new_tokens=400)
+        streams = [engine.submit([5], busy) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(engine.stop)
+        finishes = [[o.finish async for o in s][-1] for s in streams]
+        with pytest.raises(EngineStopped):
+            engine.submit([5], busy)
+        return finishes
+
+    finishes = asyncio.run(scenario())
+    assert set(finishes) <= {FinishReason.CANCELLED, FinishReason.LENGTH} and FinishReason.CANCELLED in finishes

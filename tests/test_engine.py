@@ -112,6 +112,7 @@ def test_eos_and_max_new_tokens(models, prompts):
         for max_new in (1, 2, 11):
             outputs, requests = run(scheduler, prompts[:4], params(mode, max_new, fallback_threshold=0.2))
             for out, r in zip(outputs, requests):
+                assert r.stats.small_tokens + r.stats.large_tokens == r.stats.generated_tokens == len(out)
                 assert 1 <= len(out) <= max_new
                 assert EOS not in out[:-1]
                 assert len(out) == max_new or out[-1] == EOS
@@ -197,3 +198,15 @@ def test_chunked_prefill_keeps_others_decoding_and_stays_exact(models, prompts, 
         outs = scheduler.step()
         assert [o.request.request_id for o in outs if o.tokens] == ["running"]
     assert scheduler.running["long"].prefilled == 35
+
+
+def test_models_with_padded_vocabularies_of_different_sizes_work_together(models, prompts):
+    """Like Qwen2.5 0.5B/7B: one tokenizer, output layers padded to different sizes."""
+    from scheduler.request import SamplingParams
+
+    wide = tiny.build_llama(seed=1)
+    wide.resize_token_embeddings(tiny.VOCAB + 64)
+    scheduler = make_scheduler(wide, models["draft"], {EOS}, slots=4)
+    for kw in (dict(), dict(temperature=1.0, seed=3)):
+        outputs, _ = run(scheduler, prompts[:4], SamplingParams(mode=Mode.EXACT, max_new_tokens=20, **kw))
+        assert all(0 <= t < tiny.VOCAB for out in outputs for t in out)

@@ -309,7 +309,8 @@ def test_sampling_with_a_seed_is_reproducible_over_grpc(server):
 @pytest.mark.parametrize("kw, message", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_logprobs=50), "top_logprobs"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop_token_ids=[10**6]), "stop_token_ids"),
-    (dict(stop=["x"] * 40), "stop strings"),
+    (dict(stop=["x"] * 40), "stop strings"), (dict(temperature=1e-40), "temperature"),
+    (dict(request_id="x" * 500), "request_id"), (dict(request_id="a\nb"), "request_id"),
 ])
 def test_bad_sampling_requests_are_invalid_argument(server, kw, message):
     with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -326,3 +327,12 @@ def test_load_generator_prints_a_summary(server):
     assert out.returncode == 0, out.stderr
     assert "Count:        8" in out.stdout and "[OK]  8 responses" in out.stdout
     assert "| first token |" in out.stdout
+
+
+def test_default_max_new_tokens_is_cut_to_the_room_left(server, tokenizer):
+    # 512-token context, default 256 new tokens: a long prompt still gets an answer without asking.
+    prompt = "word "
+    while len(tokenizer.encode(prompt + "word ")) < 480:
+        prompt += "word "
+    text, ids, last = complete(server.target, prompt, mode="large", ignore_eos=True)
+    assert last.stats.prompt_tokens >= 470 and len(ids) == 512 - last.stats.prompt_tokens
