@@ -135,9 +135,64 @@ def throughput(device, large, batches, max_new):
         print(f"| bild engine, mode large | {b} | {sum(map(len, outs)) / secs:.1f} |", flush=True)
 
 
+def bigram_pair(large, small, disagree: float, seed: int = 0):
+    """Give a random-weight pair controlled agreement while keeping every layer's full cost.
+
+    Both models' layers stop writing to the residual stream (o_proj, down_proj = 0), so each model
+    becomes a bigram table from its embedding and output head; the tables agree on all but a
+    `disagree` share of tokens. The layers still run at full size, so timings are realistic.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vocab = large.config.vocab_size
+    table = torch.randint(3, vocab, (vocab,), generator=gen)
+    large_table = table.clone()
+    flip = torch.rand(vocab, generator=gen) < disagree
+    large_table[flip] = torch.randint(3, vocab, (int(flip.sum()),), generator=gen)
+    for model, tab in ((large, large_table), (small, table)):
+        hidden = model.config.hidden_size
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            emb = torch.randn(vocab, hidden, generator=gen)
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            # The final RMSNorm scales a unit vector to norm sqrt(hidden): the right token scores ~12.
+            head = torch.zeros(vocab, hidden).index_add_(0, tab, emb) * (12 / hidden**0.5)
+            model.model.embed_tokens.weight.copy_(emb.to(model.dtype))
+            model.lm_head.weight.copy_(head.to(model.dtype))
+
+
+def bild_speed(device, large, small, batches, max_new, disagree):
+    bigram_pair(large, small, disagree)
+    gen = torch.Generator().manual_seed(1)
+    print(f"\n| batch | mode | tokens/s | speed-up vs large | tokens from the small model |\n|---|---|---|---|---|")
+    for b in batches:
+        prompts = [torch.randint(3, large.config.vocab_size, (16,), generator=gen).tolist() for _ in range(b)]
+        max_len = 16 + max_new + 1
+        sched = Scheduler(CausalLMRunner(small, b, max_len), CausalLMRunner(large, b, max_len),
+                          SchedulerConfig(max_num_seqs=b, max_num_tokens=b * max_len, max_seq_len=max_len), set())
+        run(sched, prompts, SamplingParams(mode=Mode.EXACT, max_new_tokens=8))
+        base = None
+        for mode in (Mode.LARGE, Mode.EXACT, Mode.BILD):
+            params = SamplingParams(mode=mode, max_new_tokens=max_new)
+            reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
+            for r in reqs:
+                sched.add(r)
+            sync(device)
+            t = time.perf_counter()
+            tokens = 0
+            while sched.has_work():
+                tokens += sum(len(o.tokens) for o in sched.step())
+            rate = tokens / (time.perf_counter() - t)
+            base = base or rate
+            share = sum(r.stats.small_tokens for r in reqs) / max(1, tokens)
+            print(f"| {b} | {mode.value} | {rate:.1f} | {rate / base:.2f}x | {share:.0%} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--disagree", type=float, default=0.2)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
@@ -160,6 +215,8 @@ def main():
           f"small {sum(p.numel() for p in small.parameters()) / 1e6:.0f}M parameters, {dtype}")
     forward_costs(device, dtype, large, small, batches)
     throughput(device, large, batches, max_new)
+    print(f"\nBiLD with a pair whose tables disagree on {args.disagree:.0%} of tokens (bigram_pair):")
+    bild_speed(device, large, small, batches, max_new, args.disagree)
 
 
 if __name__ == "__main__":
