@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     small = None if args.no_small else args.small
+    if small == str(DEFAULT_SMALL_DIR) and not DEFAULT_SMALL_DIR.is_dir():
+        raise SystemExit(f"bild-server: the default small model is missing ({DEFAULT_SMALL_DIR}); "
+                         "run `make align`, or pass --small PATH or --no-small")
     mode = Mode(args.mode)
     if small is None and mode is not Mode.LARGE:
         mode = Mode.LARGE
