@@ -1,0 +1,200 @@
+"""`bild-align`: make a BiLD small model agree with a large one (prediction alignment).
+
+Steps, each resumable (rerun the same command after an interruption and it continues):
+1. the large model's greedy continuations of held-out prompts (for evaluation only);
+2. the large model's continuations of training prompts (greedy, optionally also sampled), with its
+   top-k log-probs, in shards under --work-dir;
+3. training of the small model (created from architecture flags, or continued from --small), with
+   checkpoints under --work-dir, each also saved to --out so a usable model exists early;
+4. the held-out figures (agreement, cost per token vs the large model), written to
+   --out/alignment.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from align.evaluate import agreement, cost
+from align.generate import GenSettings, generate_shards, load_shards
+from align.model import SmallArch, create_small, save_small
+from align.prompts import split_prompts
+from align.train import TrainSettings, train
+
+log = logging.getLogger("bild.align")
+
+
+def heldout_records(large, tokenizer, large_spec: str, work_dir: Path, n_prompts: int, seed: int,
+                    settings: GenSettings | None = None) -> list[dict]:
+    """The large model's greedy continuations of the first n held-out prompts (generated once)."""
+    settings = replace(settings or GenSettings(), sampled=False, seed=seed)
+    _, held = split_prompts(seed)
+    held = held[:n_prompts]
+    data_dir = work_dir / "data" / settings.key(large_spec, f"heldout{n_prompts}")
+    generate_shards(large, tokenizer, held, data_dir, settings, desc="held-out data")
+    return load_shards(data_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bild-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--large", default="smollm2-135m-instruct", help="large model: alias, GGUF path, directory or hub id")
+    p.add_argument("--small", default=None, help="existing small model directory to continue from (else one is created)")
+    p.add_argument("--out", default=None, help="output directory (default: the repository's models/smollm2-135m-draft)")
+    p.add_argument("--work-dir", default="align-work", help="data cache and checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny everything: checks the pipeline in about a minute")
+    a = p.add_argument_group("small architecture (when --small is not given)")
+    a.add_argument("--hidden-size", type=int, default=192)
+    a.add_argument("--layers", type=int, default=4)
+    a.add_argument("--heads", type=int, default=3)
+    a.add_argument("--kv-heads", type=int, default=1)
+    a.add_argument("--intermediate-size", type=int, default=512)
+    d = p.add_argument_group("data")
+    d.add_argument("--num-prompts", type=int, default=None, help="training prompts (default: all)")
+    d.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate on")
+    d.add_argument("--max-new-tokens", type=int, default=96)
+    d.add_argument("--topk", type=int, default=16, help="large-model log-probs kept per position")
+    d.add_argument("--gen-batch-size", type=int, default=32)
+    d.add_argument("--shard-prompts", type=int, default=128)
+    d.add_argument("--no-greedy", action="store_true", help="skip greedy continuations")
+    d.add_argument("--sampled", type=int, default=0, help="sampled continuations per prompt (after the greedy ones)")
+    d.add_argument("--temperature", type=float, default=0.8)
+    d.add_argument("--gen-minutes", type=float, default=None, help="budget for generating training data")
+    t = p.add_argument_group("training")
+    t.add_argument("--train-steps", type=int, default=None)
+    t.add_argument("--train-minutes", type=float, default=None, help="budget (default when no steps: 30)")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--warmup", type=float, default=0.03, help="fraction of the run")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--kd-weight", type=float, default=1.0, help="weight of distillation on top-k log-probs (0: off)")
+    t.add_argument("--vocab-topk", type=int, default=4,
+                   help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary)")
+    t.add_argument("--negatives", type=int, default=1024, help="other tokens sampled into each step's softmax")
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--no-cost", action="store_true", help="skip timing the models at the end")
+    return p
+
+
+def apply_smoke(args: argparse.Namespace) -> None:
+    """Sizes that exercise every step in well under two minutes."""
+    args.num_prompts = min(args.num_prompts or 16, 16)
+    args.eval_prompts = min(args.eval_prompts, 4)
+    args.max_new_tokens = min(args.max_new_tokens, 8)
+    args.gen_batch_size, args.shard_prompts = 8, 8
+    args.hidden_size, args.layers, args.heads, args.kv_heads, args.intermediate_size = 64, 1, 2, 1, 128
+    if args.train_minutes is None:
+        args.train_steps = args.train_steps or 20
+    args.batch_size = 4
+    args.checkpoint_every = min(args.checkpoint_every, 10)
+    args.eval_every = min(args.eval_every, 10)
+
+
+def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
+    from scheduler.loading import DEFAULT_SMALL_DIR, load_causal_lm
+
+    if args.smoke:
+        apply_smoke(args)
+    out = Path(args.out) if args.out else DEFAULT_SMALL_DIR
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    started = time.time()
+
+    large, tokenizer = load_causal_lm(args.large)
+    gen = GenSettings(max_new_tokens=args.max_new_tokens, topk=args.topk, batch_size=args.gen_batch_size,
+                      shard_prompts=args.shard_prompts, temperature=args.temperature, seed=args.seed)
+    held = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed, gen)
+
+    train_prompts, _ = split_prompts(args.seed)
+    train_prompts = train_prompts[: args.num_prompts] if args.num_prompts else train_prompts
+    budget = args.gen_minutes * 60 if args.gen_minutes is not None else None
+    sources: list[tuple[str, int]] = []  # (data key, complete shards) that training reads
+    records: list[dict] = []
+    kinds = ([] if args.no_greedy else [replace(gen, sampled=False)]) + [
+        replace(gen, sampled=True, seed=args.seed + 1 + i) for i in range(args.sampled)]
+    for kind in kinds:
+        key = kind.key(args.large, "train")
+        spent_before = sum(json.loads(f.read_text())["seconds"] for f in (work / "data").glob("train-*/spent.json")
+                           if f.parent.name != key)  # one budget over all kinds of training data
+        left = None if budget is None else max(budget - spent_before, 0.0)
+        n = generate_shards(large, tokenizer, train_prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:13]}")
+        sources.append((key, n))
+        records += load_shards(work / "data" / key, n)
+    n_tokens = sum(r["cont_ids"].numel() for r in records)
+    log.info("training data: %d continuations, %d tokens", len(records), n_tokens)
+
+    if args.small:
+        from transformers import AutoModelForCausalLM
+
+        small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32)
+        if small.config.vocab_size != large.config.vocab_size:
+            raise ValueError("the small model's vocabulary differs from the large model's")
+        origin = {"small": str(Path(args.small).resolve())}
+    else:
+        arch = SmallArch(args.hidden_size, args.layers, args.heads, args.kv_heads, args.intermediate_size)
+        small = create_small(large, arch, args.seed)
+        origin = {"arch": asdict(arch)}
+    small.train()
+
+    if args.train_steps is None and args.train_minutes is None:
+        args.train_minutes = 30.0
+    settings = TrainSettings(
+        lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, kd_weight=args.kd_weight,
+        vocab_topk=args.vocab_topk, negatives=args.negatives, steps=args.train_steps, minutes=args.train_minutes,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
+    )
+    signature = {"large": args.large, "data": sources, "origin": origin, "train": asdict(settings)}
+    run_key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
+    ckpt = work / "train" / run_key / "checkpoint.pt"
+    (ckpt.parent).mkdir(parents=True, exist_ok=True)
+    (ckpt.parent / "signature.json").write_text(json.dumps(signature, indent=1))
+
+    info = {"large": args.large, "origin": origin, "train_settings": asdict(settings), "gen_settings": asdict(gen),
+            "train_continuations": len(records), "train_tokens": n_tokens, "sampled_per_prompt": args.sampled}
+
+    def on_eval(model, step: int) -> dict:
+        return {"heldout_agreement": agreement(model, held)["agreement"]}
+
+    def on_checkpoint(model, step: int) -> None:
+        # Ship what we have, so a later failure still leaves a usable model in --out; but never
+        # replace a shipped model that agrees better (an earlier run's, or this run's warm-up).
+        score = agreement(model, held)["agreement"]
+        shipped = out / "alignment.json"
+        best = json.loads(shipped.read_text()).get("heldout_agreement", -1.0) if shipped.is_file() else -1.0
+        if score >= best:
+            save_small(model, tokenizer, out, info={**info, "step": step, "final": False, "heldout_agreement": score})
+            log.info("checkpoint at step %d shipped to %s (held-out agreement %.4f)", step, out, score)
+
+    summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps)
+    if summary.get("interrupted"):
+        return summary
+    figures = {"agreement": agreement(small, held)}
+    if not args.no_cost:
+        figures["cost"] = cost(small, large, held, n_prompts=2 if args.smoke else 6, new_tokens=8 if args.smoke else 32)
+    info.update(final=True, step=summary["step"], heldout_agreement=figures["agreement"]["agreement"],
+                train_minutes=summary.get("minutes"), history=summary.get("history"), heldout=figures,
+                total_minutes=round((time.time() - started) / 60, 1))
+    size = save_small(small, tokenizer, out, info=info)
+    log.info("saved %s (%.1f MB): %s", out, size / 1e6, json.dumps(figures))
+    return {**info, "out": str(out), "bytes": size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    print(json.dumps({k: result[k] for k in ("out", "bytes", "heldout") if k in result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

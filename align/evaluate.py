@@ -1,0 +1,139 @@
+"""Held-out figures for a small model: agreement with the large model and cost per token.
+
+- agreement: top-1 agreement of the small model with the large model along the large model's
+  greedy continuations of held-out prompts (teacher forcing: each position sees the large model's
+  own prefix), overall, per prompt family, and how much of it a confidence threshold keeps.
+- cost: milliseconds per generated token at batch 1 in a hand loop with a KV cache, float32, for
+  both models on the same prompts, and their ratio.
+
+Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from align.train import collate, make_examples, position_logits
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def agreement(small: PreTrainedModel, records: list[dict], thresholds: tuple[float, ...] = (0.5, 0.6, 0.7)) -> dict:
+    """Top-1 agreement with the large model's continuation tokens, in total and per family."""
+    small.eval()
+    examples = make_examples(records)
+    pad = small.config.pad_token_id if small.config.pad_token_id is not None else 0
+    hits, total = 0, 0
+    per_family: dict[str, list[int]] = {}
+    conf_all: list[torch.Tensor] = []
+    ok_all: list[torch.Tensor] = []
+    for start in range(0, len(examples), 16):
+        chunk = examples[start : start + 16]
+        batch = collate(chunk, pad)
+        logits = position_logits(small, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]).float()
+        prob, pred = torch.softmax(logits, -1).max(-1)
+        ok = pred == batch["targets"]
+        conf_all.append(prob)
+        ok_all.append(ok)
+        hits += int(ok.sum())
+        total += ok.numel()
+        for b, rec in enumerate(records[start : start + 16]):
+            fam = per_family.setdefault(rec.get("family", "all"), [0, 0])
+            sel = batch["rows"] == b
+            fam[0] += int(ok[sel].sum())
+            fam[1] += int(sel.sum())
+    conf, ok = torch.cat(conf_all), torch.cat(ok_all)
+    confident = {}
+    for t in thresholds:
+        keep = conf >= t
+        confident[str(t)] = {"coverage": round(keep.float().mean().item(), 4),
+                             "accuracy": round(ok[keep].float().mean().item(), 4) if keep.any() else None}
+    return {
+        "agreement": round(hits / max(total, 1), 4),
+        "positions": total,
+        "prompts": len(examples),
+        "per_family": {k: round(v[0] / max(v[1], 1), 4) for k, v in sorted(per_family.items())},
+        "confident": confident,
+    }
+
+
+def _cache_kw(model: PreTrainedModel) -> str:
+    """transformers 5.x renamed the KV-cache keyword of forward(); use whichever this version has."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+@torch.inference_mode()
+def ms_per_token(model: PreTrainedModel, prompt: list[int], new_tokens: int = 32) -> float:
+    """Milliseconds per decode step at batch 1 with a KV cache (prefill excluded)."""
+    model.eval()
+    kw = _cache_kw(model)
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    cache = _out_cache(out)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, use_cache=True, **{kw: cache})
+        cache = _out_cache(out)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return (time.perf_counter() - t0) * 1000 / new_tokens
+
+
+def cost(small: PreTrainedModel, large: PreTrainedModel, records: list[dict], n_prompts: int = 6, new_tokens: int = 32) -> dict:
+    """Cost per token of both models at batch 1, float32, on the same held-out prompts.
+
+    The two models alternate prompt by prompt, so load from other processes on the machine
+    affects both alike; medians over prompts, after one warm-up each."""
+    prompts = [r["prompt_ids"].tolist() for r in records[:n_prompts]]
+    small32 = small.float() if small.dtype != torch.float32 else small
+    ms_per_token(small32, prompts[0], 4)
+    ms_per_token(large, prompts[0], 4)
+    s, l = [], []
+    for prompt in prompts:
+        s.append(ms_per_token(small32, prompt, new_tokens))
+        l.append(ms_per_token(large, prompt, new_tokens))
+    s_med, l_med = statistics.median(s), statistics.median(l)
+    return {"small_ms": round(s_med, 2), "large_ms": round(l_med, 2), "ratio": round(s_med / l_med, 4)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from align.cli import heldout_records  # the CLI owns the data layout
+
+    parser = argparse.ArgumentParser(description="Held-out agreement and cost of a BiLD small model.")
+    parser.add_argument("--small", required=True, help="small model directory")
+    parser.add_argument("--large", default="smollm2-135m-instruct", help="large model spec (alias, GGUF, dir or hub id)")
+    parser.add_argument("--work-dir", default="align-work", help="where held-out continuations are cached (as bild-align --work-dir)")
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cost", action="store_true", help="skip the timing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from scheduler.loading import load_causal_lm
+
+    large, tokenizer = load_causal_lm(args.large)
+    records = heldout_records(large, tokenizer, args.large, Path(args.work_dir), args.eval_prompts, args.seed)
+    small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32).eval()
+    report = {"agreement": agreement(small, records)}
+    if not args.no_cost:
+        report["cost"] = cost(small, large, records)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

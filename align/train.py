@@ -1,0 +1,279 @@
+"""Train the small model to agree with the large one on the large model's continuations.
+
+Loss per continuation position: cross-entropy on the large model's token (the greedy one, for
+greedy data) plus `kd_weight` times the cross-entropy against the large model's top-k distribution
+(renormalised over its k tokens): the soft part tells the small model how sure the large one was,
+so its own confidence, which BiLD's fallback policy reads, means something. Prompt positions carry
+no loss and no output projection (which is most of the cost at a 49k vocabulary).
+
+Checkpoints hold model, optimizer and progress; the batch order is a pure function of (seed, step),
+so a resumed run sees the same batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from align.cpu import governor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05  # cosine decays to this fraction of lr
+    warmup: float = 0.03  # fraction of the run spent warming up
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    kd_weight: float = 1.0
+    steps: int | None = None  # a fixed number of steps, or...
+    minutes: float | None = None  # ...a wall-clock budget (the schedule then follows elapsed time)
+    vocab_topk: int = 4  # train the output softmax over tokens in the large model's top-k (0: full vocab)
+    negatives: int = 1024  # other tokens sampled into each step's softmax, so none can creep up unseen
+    checkpoint_every: int = 200  # steps
+    eval_every: int = 500  # steps
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    input_ids: torch.Tensor  # prompt + continuation[:-1]
+    start: int  # first position whose next-token prediction is a continuation token
+    targets: torch.Tensor  # continuation ids
+    topk_ids: torch.Tensor
+    topk_logp: torch.Tensor
+
+
+def make_examples(records: list[dict]) -> list[Example]:
+    out = []
+    for r in records:
+        prompt, cont = r["prompt_ids"].long(), r["cont_ids"].long()
+        if cont.numel() == 0:
+            continue
+        out.append(
+            Example(
+                input_ids=torch.cat([prompt, cont[:-1]]),
+                start=prompt.numel() - 1,
+                targets=cont,
+                topk_ids=r["topk_ids"].long(),
+                topk_logp=r["topk_logp"].float(),
+            )
+        )
+    return out
+
+
+def batch_order(n_examples: int, batch_size: int, lengths: list[int], seed: int, epoch: int) -> list[list[int]]:
+    """Batches for one epoch: shuffled, then sorted by length within windows of 32 batches so a
+    batch pads little, then the batches shuffled again."""
+    rng = random.Random(seed * 7919 + epoch)
+    idx = list(range(n_examples))
+    rng.shuffle(idx)
+    window = batch_size * 32
+    batches = []
+    for w in range(0, n_examples, window):
+        chunk = sorted(idx[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(e.input_ids.numel() for e in examples)
+    k = examples[0].topk_ids.shape[1]
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    rows, cols, targets, top_ids, top_logp = [], [], [], [], []
+    for b, e in enumerate(examples):
+        n = e.input_ids.numel()
+        ids[b, :n] = e.input_ids
+        attn[b, :n] = 1
+        m = e.targets.numel()
+        rows.append(torch.full((m,), b))
+        cols.append(torch.arange(e.start, e.start + m))
+        targets.append(e.targets)
+        top_ids.append(e.topk_ids[:m, :k])
+        top_logp.append(e.topk_logp[:m, :k])
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "rows": torch.cat(rows),
+        "cols": torch.cat(cols),
+        "targets": torch.cat(targets),
+        "topk_ids": torch.cat(top_ids),
+        "topk_logp": torch.cat(top_logp),
+    }
+
+
+def position_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                    cols: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits at the chosen (row, col) positions only: the output projection is skipped elsewhere.
+    With `vocab`, only over those token ids (columns in that order)."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[rows, cols]
+    if vocab is None:
+        return model.lm_head(hidden)
+    return hidden @ model.lm_head.weight[vocab].T
+
+
+def training_vocab(records: list[dict], topk: int, always: list[int]) -> torch.Tensor:
+    """Token ids the large model actually puts in its top-k (plus every target): the output softmax
+    is trained over these, because at a 49k vocabulary the output layer is most of the cost and
+    most tokens never come up."""
+    parts = [torch.tensor(always, dtype=torch.long)]
+    for r in records:
+        parts.append(r["cont_ids"].long())
+        parts.append(r["topk_ids"][:, :topk].long().flatten())
+    return torch.unique(torch.cat(parts))
+
+
+def alignment_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    hard = F.nll_loss(logp, batch["targets"])
+    loss = hard
+    stats = {"ce": hard.item()}
+    if kd_weight > 0:
+        valid = batch["topk_ids"] >= 0  # top-k tokens outside a reduced training vocabulary drop out
+        teacher = torch.softmax(batch["topk_logp"].masked_fill(~valid, float("-inf")), dim=-1)  # renormalised
+        soft = -(teacher * logp.gather(1, batch["topk_ids"].clamp(min=0))).sum(-1).mean()
+        loss = loss + kd_weight * soft
+        stats["kd"] = soft.item()
+    stats["acc"] = (logits.argmax(-1) == batch["targets"]).float().mean().item()
+    return loss, stats
+
+
+def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to min_ratio; progress runs from 0 to 1."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    t = min((progress - warmup) / max(1 - warmup, 1e-9), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train(
+    model: PreTrainedModel,
+    records: list[dict],
+    settings: TrainSettings,
+    ckpt_path: Path,
+    pad_id: int,
+    on_eval: Callable[[PreTrainedModel, int], dict] | None = None,
+    on_checkpoint: Callable[[PreTrainedModel, int], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> dict:
+    """Train in place, resuming from `ckpt_path` if it exists. Returns a summary of the run.
+
+    stop_after_steps stops this call early (after a checkpoint), as an interruption would: tests use it.
+    """
+    if settings.steps is None and settings.minutes is None:
+        raise ValueError("give a number of steps or a time budget")
+    examples = make_examples(records)
+    if not examples:
+        raise ValueError("no training examples: generate data first")
+    lengths = [e.input_ids.numel() for e in examples]
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    vocab = remap = outside = None
+    if settings.vocab_topk > 0:
+        specials = [i for i in (model.config.eos_token_id, model.config.bos_token_id, pad_id) if isinstance(i, int)]
+        vocab = training_vocab(records, settings.vocab_topk, specials)
+        remap = torch.full((vocab_size,), -1, dtype=torch.long)
+        remap[vocab] = torch.arange(vocab.numel())
+        mask = torch.ones(vocab_size, dtype=torch.bool)
+        mask[vocab] = False
+        outside = mask.nonzero().squeeze(1)
+        log.info("training softmax over %d of %d tokens (+%d sampled per step)", vocab.numel(), vocab_size, settings.negatives)
+    n_batches = math.ceil(len(examples) / settings.batch_size)
+    torch.manual_seed(settings.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(0.9, 0.98),
+    )
+    step, elapsed, history = 0, 0.0, []
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        log.info("resuming training from %s at step %d (%.1f min done)", ckpt_path, step, elapsed / 60)
+
+    def progress() -> float:
+        if settings.steps is not None:
+            return step / settings.steps
+        return elapsed / (settings.minutes * 60)
+
+    def save() -> None:
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
+                    "history": history, "settings": asdict(settings)}, tmp)
+        tmp.rename(ckpt_path)  # atomic: an interruption leaves the previous checkpoint intact
+        if on_checkpoint is not None:
+            on_checkpoint(model, step)
+
+    model.train()
+    total = settings.steps if settings.steps is not None else None
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    tokens_seen, t_mark = 0, time.time()
+    last_step_saved = step
+    orders: dict[int, list[list[int]]] = {}
+    while progress() < 1.0:
+        epoch, within = divmod(step, n_batches)
+        if epoch not in orders:
+            orders = {epoch: batch_order(len(examples), settings.batch_size, lengths, settings.seed, epoch)}
+        batch_idx = orders[epoch][within]
+        governor().poll()  # other jobs on the machine come and go: match threads to the free cores
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = settings.lr * lr_factor(progress(), settings.warmup, settings.min_lr_ratio)
+        batch = collate([examples[i] for i in batch_idx], pad_id)
+        step_vocab = None
+        if vocab is not None:
+            batch["targets"] = remap[batch["targets"]]
+            batch["topk_ids"] = remap[batch["topk_ids"]]
+            step_vocab = vocab
+            if settings.negatives > 0 and outside.numel() > 0:
+                g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)  # same negatives on resume
+                pick = torch.randint(0, outside.numel(), (settings.negatives,), generator=g)
+                step_vocab = torch.cat([vocab, outside[pick]])
+        logits = position_logits(model, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], step_vocab)
+        loss, stats = alignment_loss(logits, batch, settings.kd_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        elapsed += time.time() - t0
+        tokens_seen += batch["targets"].numel()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['acc']:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}",
+                        tok_s=f"{tokens_seen / (time.time() - t_mark):.0f}", ep=epoch)
+        if on_eval is not None and step % settings.eval_every == 0:
+            model.eval()
+            entry = {"step": step, "minutes": round(elapsed / 60, 2), **on_eval(model, step)}
+            model.train()
+            history.append(entry)
+            log.info("eval %s", json.dumps(entry))
+        if step % settings.checkpoint_every == 0:
+            save()
+            last_step_saved = step
+            if stop_after_steps is not None and step >= stop_after_steps:
+                bar.close()
+                return {"step": step, "interrupted": True}
+    bar.close()
+    if last_step_saved != step:
+        save()
+    model.eval()
+    return {"step": step, "minutes": round(elapsed / 60, 2), "examples": len(examples), "history": history}

@@ -1,0 +1,91 @@
+"""Smoke test of `bild-align` end to end on a tiny random-weight large model (seconds, not minutes).
+
+Checks: the output directory loads with transformers and stays under the size limit; an
+interrupted run resumes from its checkpoint without regenerating data, and ends with the same
+weights as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from align import cpu
+from align.cli import build_parser, run
+from align.model import MAX_OUTPUT_BYTES, directory_bytes
+from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_large(tmp_path_factory) -> Path:
+    """A random Llama with SmolLM2's tokenizer and vocabulary, saved like a real model."""
+    tokenizer = load_tokenizer(SMOLLM2_ALIAS)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny_large")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _args(large: Path, work: Path, out: Path):
+    return build_parser().parse_args(["--smoke", "--large", str(large), "--work-dir", str(work), "--out", str(out),
+                                      "--train-steps", "20", "--seed", "3"])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def test_smoke_alignment_resumes_and_loads(tiny_large: Path, tmp_path: Path, caplog, monkeypatch) -> None:
+    # A fixed thread count: the load-following governor could change float summation order between
+    # runs, and the resumed and uninterrupted runs are compared bit for bit below.
+    monkeypatch.setattr(cpu.governor(), "enabled", False)
+    work, out = tmp_path / "work", tmp_path / "out"
+
+    # First run, "interrupted" right after the checkpoint at step 10.
+    first = run(_args(tiny_large, work, out), stop_after_steps=10)
+    assert first == {"step": 10, "interrupted": True}
+    checkpoints = list((work / "train").glob("*/checkpoint.pt"))
+    assert len(checkpoints) == 1
+    assert torch.load(checkpoints[0], weights_only=False)["step"] == 10
+    assert (out / "model.safetensors").is_file(), "a checkpoint also ships a usable model"
+    shards = sorted((work / "data").glob("*/shard_*.pt"))
+    assert shards, "generation wrote its shards"
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+
+    # Rerun the same command: it must continue, not start over.
+    with caplog.at_level(logging.INFO):
+        result = run(_args(tiny_large, work, out))
+    assert "resuming training" in caplog.text and "at step 10" in caplog.text
+    assert result["step"] == 20
+    assert {p: p.stat().st_mtime_ns for p in shards} == mtimes, "data was regenerated"
+
+    # The output directory is a standalone transformers model with its tokenizer.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.eos_token_id == model.generation_config.eos_token_id
+    assert directory_bytes(out) <= MAX_OUTPUT_BYTES
+    assert (out / "alignment.json").is_file()
+    held = result["heldout"]
+    assert 0.0 <= held["agreement"]["agreement"] <= 1.0 and held["agreement"]["positions"] > 0
+    assert held["cost"]["small_ms"] > 0 and held["cost"]["large_ms"] > 0
+
+    # The resumed run ends with the weights of an uninterrupted one (same data, same seed).
+    work2, out2 = tmp_path / "work2", tmp_path / "out2"
+    shutil.copytree(work / "data", work2 / "data")
+    run(_args(tiny_large, work2, out2))
+    a, b = _weights(out), _weights(out2)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
