@@ -35,7 +35,8 @@ import load  # noqa: E402  (bench/load.py)
 from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS  # noqa: E402
 from scheduler.model_runner import CausalLMRunner  # noqa: E402
 from scheduler.pair import load_pair  # noqa: E402
-from scheduler.request import Mode, Request, SamplingParams  # noqa: E402
+from scheduler.offline import generate  # noqa: E402
+from scheduler.request import Mode, SamplingParams  # noqa: E402
 from scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")
@@ -86,15 +87,8 @@ def engine_batch1(pair, prompts, params: SamplingParams) -> tuple[list[list[int]
         CausalLMRunner(pair.small, 1, max_len), CausalLMRunner(pair.large, 1, max_len),
         SchedulerConfig(max_num_seqs=1, max_num_tokens=max_len, max_seq_len=max_len), pair.eos_token_ids,
     )
-    requests = [Request(str(i), p, params) for i, p in enumerate(prompts)]
-    out = {r.request_id: [] for r in requests}
-    for r in requests:
-        scheduler.add(r)
-    start = time.perf_counter()
-    while scheduler.has_work():
-        for o in scheduler.step():
-            out[o.request.request_id] += o.tokens
-    return [out[r.request_id] for r in requests], time.perf_counter() - start
+    outputs, _, seconds = generate(scheduler, prompts, params)
+    return outputs, seconds
 
 
 def chat_ids(tokenizer, rows) -> list[list[int]]:

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ import torch
 from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS
 from scheduler.model_runner import CausalLMRunner
 from scheduler.pair import load_pair
-from scheduler.request import Mode, Request, SamplingParams
+from scheduler.offline import generate
+from scheduler.request import Mode, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 PROMPTS = Path(__file__).with_name("prompts.jsonl")
@@ -33,18 +33,6 @@ def load_prompts(tokenizer, n: int) -> list[list[int]]:
                          add_special_tokens=False)
         for r in rows
     ]
-
-
-def run(scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[Request], float]:
-    requests = [Request(str(i), p, params) for i, p in enumerate(prompts)]
-    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
-    for r in requests:
-        scheduler.add(r)
-    start = time.perf_counter()
-    while scheduler.has_work():
-        for o in scheduler.step():
-            out[o.request.request_id] += o.tokens
-    return [out[r.request_id] for r in requests], requests, time.perf_counter() - start
 
 
 def main() -> None:
@@ -74,11 +62,11 @@ def main() -> None:
         runners = (CausalLMRunner(pair.small, batch, max_len), CausalLMRunner(pair.large, batch, max_len))
         scheduler = Scheduler(*runners, SchedulerConfig(max_num_seqs=batch, max_num_tokens=batch * max_len,
                                                         max_seq_len=max_len), pair.eos_token_ids)
-        run(scheduler, prompts[:batch], SamplingParams(mode=Mode.LARGE, max_new_tokens=4))  # warm-up
+        generate(scheduler, prompts[:batch], SamplingParams(mode=Mode.LARGE, max_new_tokens=4))  # warm-up
         baseline = None
         for mode in (Mode.LARGE, Mode.EXACT, Mode.BILD):
             params = SamplingParams(mode=mode, max_new_tokens=args.max_new_tokens, **overrides)
-            outputs, requests, seconds = run(scheduler, prompts, params)
+            outputs, requests, seconds = generate(scheduler, prompts, params)
             tokens = sum(map(len, outputs))
             rate = tokens / seconds
             if baseline is None:

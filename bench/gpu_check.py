@@ -17,7 +17,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scheduler.model_runner import CausalLMRunner, ForwardItem
-from scheduler.request import Mode, Request, SamplingParams
+from scheduler.offline import generate
+from scheduler.request import Mode, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 
@@ -32,17 +33,8 @@ def llama(hidden, layers, heads, kv, inter, vocab, init=0.02, seed=0, device="cu
 
 
 def run(scheduler, prompts, params):
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    reqs = [Request(str(i), p, q) for i, (p, q) in enumerate(zip(prompts, params))]
-    out = {r.request_id: [] for r in reqs}
-    for r in reqs:
-        scheduler.add(r)
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
-    t = time.perf_counter()
-    while scheduler.has_work():
-        for o in scheduler.step():
-            out[o.request.request_id] += o.tokens
-    return [out[r.request_id] for r in reqs], time.perf_counter() - t
+    outputs, _, seconds = generate(scheduler, prompts, params)
+    return outputs, seconds
 
 
 def sync(device):
@@ -174,16 +166,9 @@ def bild_speed(device, large, small, batches, max_new, disagree):
         run(sched, prompts, SamplingParams(mode=Mode.EXACT, max_new_tokens=8))
         base = None
         for mode in (Mode.LARGE, Mode.EXACT, Mode.BILD):
-            params = SamplingParams(mode=mode, max_new_tokens=max_new)
-            reqs = [Request(str(i), p, params) for i, p in enumerate(prompts)]
-            for r in reqs:
-                sched.add(r)
-            sync(device)
-            t = time.perf_counter()
-            tokens = 0
-            while sched.has_work():
-                tokens += sum(len(o.tokens) for o in sched.step())
-            rate = tokens / (time.perf_counter() - t)
+            outputs, reqs, seconds = generate(sched, prompts, SamplingParams(mode=mode, max_new_tokens=max_new))
+            tokens = sum(map(len, outputs))
+            rate = tokens / seconds
             base = base or rate
             share = sum(r.stats.small_tokens for r in reqs) / max(1, tokens)
             print(f"| {b} | {mode.value} | {rate:.1f} | {rate / base:.2f}x | {share:.0%} |", flush=True)
