@@ -151,7 +151,7 @@ def generate_shards(
         for start in range(0, len(order), settings.batch_size):
             batch = order[start : start + settings.batch_size]
             seed = settings.seed * 1_000_003 + index * 1009 + start
-            threads = governor().poll()
+            governor().poll()  # adjusts torch's thread count to the cores free now
             for i, rec in zip(batch, generate_batch(model, [ids[i] for i in batch], settings, eos_id, pad_id, seed)):
                 rec["family"] = chunk[i].family
                 records[i] = rec

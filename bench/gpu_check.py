@@ -88,7 +88,7 @@ def sampling_check(device, dtype):
 
 
 def forward_costs(device, dtype, large, small, batches, ctx=256):
-    print(f"\n| model | batch | new tokens per sequence | ms per forward |\n|---|---|---|---|")
+    print("\n| model | batch | new tokens per sequence | ms per forward |\n|---|---|---|---|")
     for name, model in (("large", large), ("small", small)):
         for b in batches:
             runner = CausalLMRunner(model, b, ctx + 64)
@@ -108,7 +108,7 @@ def forward_costs(device, dtype, large, small, batches, ctx=256):
 
 def throughput(device, large, batches, max_new):
     gen = torch.Generator().manual_seed(0)
-    print(f"\n| system | batch | tokens/s |\n|---|---|---|")
+    print("\n| system | batch | tokens/s |\n|---|---|---|")
     prompt = torch.randint(3, large.config.vocab_size, (64,), generator=gen).tolist()
     with torch.no_grad():
         large.generate(torch.tensor([prompt], device=device), max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -157,7 +157,7 @@ def bigram_pair(large, small, disagree: float, seed: int = 0):
 def bild_speed(device, large, small, batches, max_new, disagree):
     bigram_pair(large, small, disagree)
     gen = torch.Generator().manual_seed(1)
-    print(f"\n| batch | mode | tokens/s | speed-up vs large | tokens from the small model |\n|---|---|---|---|---|")
+    print("\n| batch | mode | tokens/s | speed-up vs large | tokens from the small model |\n|---|---|---|---|---|")
     for b in batches:
         prompts = [torch.randint(3, large.config.vocab_size, (16,), generator=gen).tolist() for _ in range(b)]
         max_len = 16 + max_new + 1

@@ -97,7 +97,9 @@ def test_a_stopped_engine_ends_queued_requests_and_refuses_new_ones(pair):
         streams = [engine.submit([5], busy) for _ in range(3)]
         await asyncio.sleep(0.05)
         await asyncio.to_thread(engine.stop)
-        finishes = [[o.finish async for o in s][-1] for s in streams]
+        finishes = []
+        for stream in streams:
+            finishes.append([o.finish async for o in stream][-1])
         with pytest.raises(EngineStopped):
             engine.submit([5], busy)
         return finishes

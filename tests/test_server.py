@@ -11,7 +11,7 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from bild.v1 import bild_pb2, bild_pb2_grpc
+from bild.v1 import bild_pb2
 from client import BildClient
 from tests.server_util import start_server
 
