@@ -294,12 +294,17 @@ class Scheduler:
             # its drafts; large-mode sequences feed just their newest token.
             items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in to_large]
             logits = self.large.forward(items, all_logits=True)
-            rows = [VerifyRow(item.tokens, s.mode, s.request.params.rollback_threshold) for s, item in zip(to_large, items)]
-            verdicts = verify(logits, rows)  # the greedy policy for the whole batch at once
+            # Plain-argmax rows share one batched policy call; the others get their own rule below.
+            greedy = [b for b, s in enumerate(to_large) if not s.params.processes_logits]
+            verdicts: list[Verdict | None] = [None] * len(to_large)
+            if greedy:
+                rows = [VerifyRow(items[b].tokens, to_large[b].mode, to_large[b].params.rollback_threshold) for b in greedy]
+                for b, verdict in zip(greedy, verify(logits if len(greedy) == len(to_large) else logits[greedy], rows)):
+                    verdicts[b] = verdict
             width = logits.shape[1]
             for b, (seq, item) in enumerate(zip(to_large, items)):
                 own = logits[b, width - len(item.tokens) :]  # this row's columns, without left padding
-                if seq.params.processes_logits:
+                if verdicts[b] is None:
                     contexts = [seq.context[: seq.settled + i] for i in range(len(item.tokens))]
                     verdicts[b] = verify_processed(
                         own, item.tokens[1:], contexts, seq.params, seq.seed, seq.settled, seq.draft_q
