@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from scheduler import cpu_linear
 from scheduler.kv_cache import BatchLayout, SlotKVCache
 
 
@@ -60,6 +61,7 @@ class CausalLMRunner:
         self._mask_min = torch.finfo(self.dtype).min
         self.forward_seconds = 0.0  # wall time in model forwards, for the overhead profile
         self.kv_bucket = 128 if self.device.type == "cuda" else 16
+        cpu_linear.install(model)
 
     def initial_context(self, prompt: list[int]) -> list[int]:
         return list(prompt)
@@ -114,14 +116,15 @@ class CausalLMRunner:
         )
         started = time.perf_counter()
         try:
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=positions,
-                attention_mask=mask[:, None],
-                use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
-                **{self._cache_kw: self.cache},
-            )
+            with cpu_linear.active():
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=positions,
+                    attention_mask=mask[:, None],
+                    use_cache=True,
+                    logits_to_keep=0 if all_logits else 1,
+                    **{self._cache_kw: self.cache},
+                )
         finally:
             self.cache.layout = None
         logits = out.logits[..., : self.vocab_limit]
