@@ -1,7 +1,7 @@
 """Train the small model to agree with the large one on the large model's continuations.
 
-Loss per continuation position: cross-entropy on the large model's token (the greedy one, for
-greedy data) plus `kd_weight` times the cross-entropy against the large model's top-k distribution
+Loss per continuation position: cross-entropy on the large model's greedy token there (for
+sampled data too: the sampled continuation only supplies the prefix) plus `kd_weight` times the cross-entropy against the large model's top-k distribution
 (renormalised over its k tokens): the soft part tells the small model how sure the large one was,
 so its own confidence, which BiLD's fallback policy reads, means something. Prompt positions carry
 no loss and no output projection (which is most of the cost at a 49k vocabulary).
@@ -68,7 +68,9 @@ def make_examples(records: list[dict]) -> list[Example]:
             Example(
                 input_ids=torch.cat([prompt, cont[:-1]]),
                 start=prompt.numel() - 1,
-                targets=cont,
+                # The large model's own choice there: the continuation itself when it is greedy,
+                # not the sampled token when it is sampled (that only supplies a fresh prefix).
+                targets=r["topk_ids"][:, 0].long(),
                 topk_ids=r["topk_ids"].long(),
                 topk_logp=r["topk_logp"].float(),
             )
