@@ -60,6 +60,7 @@ class CausalLMRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._mask_min = torch.finfo(self.dtype).min
         self.forward_seconds = 0.0  # wall time in model forwards, for the overhead profile
+        self.forward_calls = 0
         self.kv_bucket = 128 if self.device.type == "cuda" else 16
         cpu_linear.install(model)
 
@@ -131,4 +132,5 @@ class CausalLMRunner:
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # so the time is the forward's, not the next sync's
         self.forward_seconds += time.perf_counter() - started
+        self.forward_calls += 1
         return logits

@@ -290,6 +290,12 @@ class Scheduler:
                 if self._take_draft(seq, proposals[b]):
                     to_large.append(seq)
         if to_large:
+            # Deterministic exact-mode sequences end with the large model's own tokens whenever
+            # their drafts are checked, so they join a large forward that runs anyway: a few more
+            # columns now instead of a forward of their own at a later iteration. (Other modes
+            # would then depend on the batch they share, so they wait for their own fallback.)
+            to_large += [s for s in drafting if s.mode is Mode.EXACT and not s.params.sampling
+                         and len(s.context) > s.settled and s not in to_large]
             # With large_cached = settled - 1, each sequence feeds its newest settled token and then
             # its drafts; large-mode sequences feed just their newest token.
             items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in to_large]

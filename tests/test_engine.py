@@ -50,6 +50,22 @@ def test_exact_equals_large_greedy_generate(models, prompts, references, small):
         assert s.large_forward_calls < s.generated_tokens or small == "unrelated"
 
 
+def test_greedy_exact_sequences_are_verified_together(models, prompts, references):
+    """Whenever the large model runs, every greedy exact-mode sequence has its drafts checked in it."""
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4)
+    p = params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True)
+    outputs, requests = run(scheduler, prompts[:4], p)
+    assert outputs == [greedy_reference(models["large"], q, MAX_NEW, -1) for q in prompts[:4]]
+    # The longest-running one took part in every large forward (its prefill included).
+    assert max(r.stats.large_forward_calls for r in requests) == scheduler.large.forward_calls
+    assert scheduler.large.forward_calls < MAX_NEW  # and drafts were accepted
+    # Seeded sampling keeps to its own fallbacks, so that it repeats alone and in any batch.
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4)
+    sampled = params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True, temperature=1.0, seed=1)
+    _, requests = run(scheduler, prompts[:4], sampled)
+    assert max(r.stats.large_forward_calls for r in requests) < scheduler.large.forward_calls
+
+
 def test_large_mode_equals_generate(models, prompts, references):
     scheduler = make_scheduler(models["large"], None, {EOS}, slots=4)
     outputs, requests = run(scheduler, prompts, params(Mode.LARGE, MAX_NEW), JOIN_AT)
