@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,14 @@ def cache_dir() -> Path:
 
 def _dequantized_dir(source: ModelSource) -> Path:
     gguf = Path(source.location) / source.gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # Keyed by content (about 0.2 s for SmolLM2's 98 MB), not path: every virtual environment or
+    # fresh checkout installs its own copy of the same file, and should not dequantize it again.
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    digest.update(f":transformers {transformers.__version__}".encode())  # the conversion lives there
+    key = digest.hexdigest()[:16]
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
