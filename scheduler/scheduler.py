@@ -46,6 +46,10 @@ class SchedulerConfig:
     # Prompt tokens prefilled per iteration: a long prompt is fed in chunks across iterations, so it
     # delays the other streams by one chunk's forward at a time rather than by its whole prefill.
     max_prefill_tokens: int = 512
+    # Also check bild-mode and sampled drafts in every large forward that runs anyway: fewer large
+    # forwards under load, but such a request's output then depends on which others share its
+    # batch. Greedy exact-mode requests always join, since their output cannot change.
+    verify_together: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_tokens", "max_seq_len", "max_prefill_tokens"):
@@ -290,12 +294,13 @@ class Scheduler:
                 if self._take_draft(seq, proposals[b]):
                     to_large.append(seq)
         if to_large:
-            # Deterministic exact-mode sequences end with the large model's own tokens whenever
-            # their drafts are checked, so they join a large forward that runs anyway: a few more
-            # columns now instead of a forward of their own at a later iteration. (Other modes
-            # would then depend on the batch they share, so they wait for their own fallback.)
-            to_large += [s for s in drafting if s.mode is Mode.EXACT and not s.params.sampling
-                         and len(s.context) > s.settled and s not in to_large]
+            # Sequences with pending drafts join the large forward that runs anyway: a few more
+            # columns now instead of a forward of their own at a later iteration. Greedy exact-mode
+            # output is the large model's wherever drafts are checked, so those always join; the
+            # others would then depend on the batch they share, so only when configured.
+            to_large += [s for s in drafting if s.mode is not Mode.SMALL and len(s.context) > s.settled
+                         and (self.config.verify_together or (s.mode is Mode.EXACT and not s.params.sampling))
+                         and s not in to_large]
             # With large_cached = settled - 1, each sequence feeds its newest settled token and then
             # its drafts; large-mode sequences feed just their newest token.
             items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in to_large]

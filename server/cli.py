@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     policy.add_argument("--max-small-tokens", type=int, default=DEFAULT_MAX_SMALL_TOKENS, help="(default: %(default)s)")
     policy.add_argument("--max-new-tokens", type=int, default=256, help="when a request gives none (default: %(default)s)")
     policy.add_argument("--max-new-tokens-limit", type=int, default=2048, help="the most a request may ask for (default: %(default)s)")
+    policy.add_argument("--verify-together", action="store_true",
+                        help="check bild-mode and sampled drafts in every large forward: faster under load, but a "
+                             "request's output then depends on the requests it shares the batch with (greedy exact "
+                             "requests always do this: their output cannot change)")
     budget = p.add_argument_group("engine budget")
     budget.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default: %(default)s)")
     budget.add_argument("--max-batch-tokens", type=int, default=32768, help="prompt + max_new_tokens reserved by running sequences (default: %(default)s)")
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             max_seq_len=args.context_length,
             max_waiting=args.max_waiting,
             max_prefill_tokens=args.max_prefill_tokens,
+            verify_together=args.verify_together,
         )
     except ValueError as error:
         raise SystemExit(f"bild-server: {error}") from None

@@ -64,6 +64,11 @@ def test_greedy_exact_sequences_are_verified_together(models, prompts, reference
     sampled = params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True, temperature=1.0, seed=1)
     _, requests = run(scheduler, prompts[:4], sampled)
     assert max(r.stats.large_forward_calls for r in requests) < scheduler.large.forward_calls
+    # ...unless the server is told to check every mode's drafts together.
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4, verify_together=True)
+    mixed = [sampled, params(Mode.BILD, MAX_NEW, fallback_threshold=0.5, ignore_eos=True), sampled, sampled]
+    _, requests = run(scheduler, prompts[:4], mixed)
+    assert max(r.stats.large_forward_calls for r in requests) == scheduler.large.forward_calls
 
 
 def test_large_mode_equals_generate(models, prompts, references):
