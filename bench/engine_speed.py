@@ -26,7 +26,12 @@ from scheduler.scheduler import Scheduler, SchedulerConfig
 PROMPTS = Path(__file__).with_name("prompts.jsonl")
 
 
-def load_prompts(tokenizer, n: int) -> list[list[int]]:
+def load_prompts(tokenizer, n: int, heldout: bool) -> list[list[int]]:
+    if heldout:  # bild-align's held-out prompts, which the shipped draft never trained on
+        from align.generate import encode_prompts
+        from align.prompts import split_prompts
+
+        return encode_prompts(tokenizer, [p.text for p in split_prompts(0)[1][:n]])
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()][:n]
     return [
         tokenizer.encode(tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
@@ -43,19 +48,20 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--heldout", action="store_true", help="bild-align's held-out prompts instead of bench/prompts.jsonl")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--fallback-threshold", type=float, default=None)
     ap.add_argument("--rollback-threshold", type=float, default=None)
     args = ap.parse_args()
 
     pair = load_pair(args.large, args.small, args.device, args.dtype)
-    prompts = load_prompts(pair.tokenizer, args.prompts)
+    prompts = load_prompts(pair.tokenizer, args.prompts, args.heldout)
     max_len = max(map(len, prompts)) + args.max_new_tokens + 1
     overrides = {k: v for k, v in (("fallback_threshold", args.fallback_threshold),
                                    ("rollback_threshold", args.rollback_threshold)) if v is not None}
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core {platform.machine()} CPU"
     print(f"large={args.large} small={args.small} device={device} dtype={args.dtype} torch={torch.__version__} "
-          f"prompts={len(prompts)} max_new_tokens={args.max_new_tokens} {overrides or ''}\n")
+          f"prompts={len(prompts)}{' held-out' if args.heldout else ''} max_new_tokens={args.max_new_tokens} {overrides or ''}\n")
     print("| batch | mode | tokens/s | speed-up vs large | same tokens as large | small-token share | large calls / token |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
