@@ -75,7 +75,11 @@ def test_exact_equals_large_greedy_generate(smollm2, prompts, references, draft)
     accepted = sum(r.stats.small_tokens for r in requests) / sum(r.stats.generated_tokens for r in requests)
     rollbacks = sum(r.stats.rollbacks for r in requests)
     if draft is bf16_rounded:
-        assert accepted > 0.5
+        # Drafts are nearly always accepted. Fewer than half the tokens are drafts all the same:
+        # a sequence joins every large forward that runs for another one (greedy exact), and
+        # each check adds one of the large model's tokens.
+        assert rollbacks <= 2
+        assert accepted > 0.4
     else:
         assert rollbacks > 10
 
