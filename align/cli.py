@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny everything: checks the pipeline in about a minute")
     a = p.add_argument_group("small architecture (when --small is not given)")
     a.add_argument("--hidden-size", type=int, default=192)
-    a.add_argument("--layers", type=int, default=4)
+    a.add_argument("--layers", type=int, default=5)
     a.add_argument("--heads", type=int, default=3)
     a.add_argument("--kv-heads", type=int, default=1)
     a.add_argument("--intermediate-size", type=int, default=512)

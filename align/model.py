@@ -20,7 +20,7 @@ MAX_OUTPUT_BYTES = 25_000_000  # the shipped directory must stay under 25 MB
 @dataclass(frozen=True)
 class SmallArch:
     hidden_size: int = 192
-    num_layers: int = 4
+    num_layers: int = 5
     num_heads: int = 3
     num_kv_heads: int = 1
     intermediate_size: int = 512
