@@ -50,11 +50,17 @@ class SchedulerConfig:
     # forwards under load, but such a request's output then depends on which others share its
     # batch. Greedy exact-mode requests always join, since their output cannot change.
     verify_together: bool = False
+    # Greedy exact-mode requests stop drafting while more than this many sequences decode (0: no
+    # limit): a large batch makes each large forward dearer and drafts pay less, and their output
+    # is the large model's either way.
+    draft_batch_limit: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_tokens", "max_seq_len", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.draft_batch_limit < 0:
+            raise ValueError(f"draft_batch_limit must be 0 or more, got {self.draft_batch_limit}")
 
 
 @dataclass(eq=False)  # compared by identity
@@ -282,8 +288,13 @@ class Scheduler:
         seq.context.append(token)
 
     def _draft_and_verify(self, seqs: list[Sequence]) -> None:
-        drafting = [s for s in seqs if s.mode in DRAFTING_MODES]
-        to_large = [s for s in seqs if s.mode is Mode.LARGE]
+        busy = 0 < self.config.draft_batch_limit < len(seqs)
+
+        def large_only(s: Sequence) -> bool:  # this iteration: no draft, the large model's next token
+            return s.mode is Mode.LARGE or (busy and s.mode is Mode.EXACT and not s.params.sampling)
+
+        drafting = [s for s in seqs if s.mode in DRAFTING_MODES and not large_only(s)]
+        to_large = [s for s in seqs if large_only(s)]
         if drafting:
             items = [ForwardItem(s.slot, s.small_cached, s.context[s.small_cached :]) for s in drafting]
             logits = self.small.forward(items, all_logits=False)[:, -1]

@@ -71,6 +71,19 @@ def test_greedy_exact_sequences_are_verified_together(models, prompts, reference
     assert max(r.stats.large_forward_calls for r in requests) == scheduler.large.forward_calls
 
 
+def test_greedy_exact_stops_drafting_in_a_busy_batch(models, prompts, references):
+    p = params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2)
+    join_at = [0] + [20] * (len(prompts) - 1)  # the first request has the models to itself for a while
+    steps = {}
+    for limit in (0, 2):
+        scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=6, draft_batch_limit=limit)
+        outputs, requests = run(scheduler, prompts, p, join_at)
+        assert outputs == references
+        assert requests[0].stats.small_tokens > 0
+        steps[limit] = scheduler.small.forward_calls
+    assert steps[2] < 0.5 * steps[0]
+
+
 def test_large_mode_equals_generate(models, prompts, references):
     scheduler = make_scheduler(models["large"], None, {EOS}, slots=4)
     outputs, requests = run(scheduler, prompts, params(Mode.LARGE, MAX_NEW), JOIN_AT)

@@ -15,7 +15,10 @@ from bild.v1 import bild_pb2
 from client import BildClient
 from tests.server_util import start_server
 
-SERVER_ARGS = ["--context-length", "512", "--max-new-tokens-limit", "256", "--fallback-threshold", "0.2"]
+# Always draft, so that busy batches exercise the small model too (the default stops greedy exact
+# requests drafting beyond one sequence).
+SERVER_ARGS = ["--context-length", "512", "--max-new-tokens-limit", "256", "--fallback-threshold", "0.2",
+               "--draft-batch-limit", "0"]
 
 
 def free_port() -> int:
