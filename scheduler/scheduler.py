@@ -98,6 +98,12 @@ class Sequence:
     def drafted(self) -> int:
         return len(self.context) - self.settled
 
+    @property
+    def output_is_fixed(self) -> bool:
+        """Greedy exact mode: the output is the large model's greedy whenever and however drafts are
+        checked, so the scheduler may check them at any iteration, or not draft at all."""
+        return self.mode is Mode.EXACT and not self.params.sampling
+
 
 @dataclass
 class StepOutput:
@@ -291,7 +297,7 @@ class Scheduler:
         busy = 0 < self.config.draft_batch_limit < len(seqs)
 
         def large_only(s: Sequence) -> bool:  # this iteration: no draft, the large model's next token
-            return s.mode is Mode.LARGE or (busy and s.mode is Mode.EXACT and not s.params.sampling)
+            return s.mode is Mode.LARGE or (busy and s.output_is_fixed)
 
         drafting = [s for s in seqs if s.mode in DRAFTING_MODES and not large_only(s)]
         to_large = [s for s in seqs if large_only(s)]
@@ -309,8 +315,8 @@ class Scheduler:
             # columns now instead of a forward of their own at a later iteration. Greedy exact-mode
             # output is the large model's wherever drafts are checked, so those always join; the
             # others would then depend on the batch they share, so only when configured.
-            to_large += [s for s in drafting if s.mode is not Mode.SMALL and len(s.context) > s.settled
-                         and (self.config.verify_together or (s.mode is Mode.EXACT and not s.params.sampling))
+            to_large += [s for s in drafting if s.mode is not Mode.SMALL and s.drafted
+                         and (self.config.verify_together or s.output_is_fixed)
                          and s not in to_large]
             # With large_cached = settled - 1, each sequence feeds its newest settled token and then
             # its drafts; large-mode sequences feed just their newest token.
