@@ -27,7 +27,7 @@ from align.evaluate import agreement, cost
 from align.generate import GenSettings, generate_shards, load_shards
 from align.model import SmallArch, create_small, save_small
 from align.prompts import split_prompts
-from align.train import TrainSettings, train
+from align.train import TrainSettings, predicted_vocab, train
 
 log = logging.getLogger("bild.align")
 
@@ -158,6 +158,9 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     (ckpt.parent).mkdir(parents=True, exist_ok=True)
     (ckpt.parent / "signature.json").write_text(json.dumps(signature, indent=1))
 
+    specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
+                            small.config.eos_token_id, small.config.bos_token_id) if isinstance(i, int)]
+    vocab_ids = predicted_vocab(records, specials)
     info = {"large": args.large, "origin": origin, "train_settings": asdict(settings), "gen_settings": asdict(gen),
             "train_continuations": len(records), "train_tokens": n_tokens, "sampled_per_prompt": args.sampled}
 
@@ -171,7 +174,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         shipped = out / "alignment.json"
         best = json.loads(shipped.read_text()).get("heldout_agreement", -1.0) if shipped.is_file() else -1.0
         if score >= best:
-            save_small(model, tokenizer, out, info={**info, "step": step, "final": False, "heldout_agreement": score})
+            save_small(model, tokenizer, out, info={**info, "step": step, "final": False, "heldout_agreement": score},
+                       vocab_ids=vocab_ids)
             log.info("checkpoint at step %d shipped to %s (held-out agreement %.4f)", step, out, score)
 
     summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps)
@@ -183,7 +187,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     info.update(final=True, step=summary["step"], heldout_agreement=figures["agreement"]["agreement"],
                 train_minutes=summary.get("minutes"), history=summary.get("history"), heldout=figures,
                 total_minutes=round((time.time() - started) / 60, 1))
-    size = save_small(small, tokenizer, out, info=info)
+    size = save_small(small, tokenizer, out, info=info, vocab_ids=vocab_ids)
     log.info("saved %s (%.1f MB): %s", out, size / 1e6, json.dumps(figures))
     return {**info, "out": str(out), "bytes": size}
 

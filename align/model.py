@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from scheduler import output_vocab
+
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 25_000_000  # the shipped directory must stay under 25 MB
@@ -93,9 +95,13 @@ def save_small(
     dtype: torch.dtype = torch.bfloat16,
     info: dict | None = None,
     max_bytes: int = MAX_OUTPUT_BYTES,
+    vocab_ids: list[int] | None = None,
 ) -> int:
     """Save model (as `dtype` safetensors), tokenizer and generation config into `out`, replacing it
-    only once the new copy is complete. Returns the directory's size in bytes."""
+    only once the new copy is complete. Returns the directory's size in bytes.
+
+    `vocab_ids`: the tokens the model was trained to predict, which bild's runner then scores
+    alone (see scheduler/output_vocab.py)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,6 +115,8 @@ def save_small(
     copy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _compact_tokenizer_json(tmp)
+    if vocab_ids is not None:
+        output_vocab.save(tmp, vocab_ids, "the large model's choices in the alignment data: bild's runner scores only these tokens")
     if info is not None:
         (tmp / "alignment.json").write_text(json.dumps(info, indent=1, sort_keys=True))
     size = directory_bytes(tmp)

@@ -141,6 +141,13 @@ def training_vocab(records: list[dict], topk: int, always: list[int]) -> torch.T
     return torch.unique(torch.cat(parts))
 
 
+def predicted_vocab(records: list[dict], always: list[int]) -> list[int]:
+    """Token ids the large model chose somewhere in the data (plus `always`): the only tokens the
+    small model is trained to predict, so the only ones bild needs it to score."""
+    parts = [torch.tensor(always, dtype=torch.long)] + [r["topk_ids"][:, 0].long() for r in records]
+    return torch.unique(torch.cat(parts)).tolist()
+
+
 def alignment_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
     logp = torch.log_softmax(logits.float(), dim=-1)
     hard = F.nll_loss(logp, batch["targets"])

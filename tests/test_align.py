@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from align import cpu
 from align.cli import build_parser, run
 from align.model import MAX_OUTPUT_BYTES, directory_bytes
+from scheduler import output_vocab
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 
 
@@ -77,6 +78,12 @@ def test_smoke_alignment_resumes_and_loads(tiny_large: Path, tmp_path: Path, cap
     assert tokenizer.eos_token_id == model.generation_config.eos_token_id
     assert directory_bytes(out) <= MAX_OUTPUT_BYTES
     assert (out / "alignment.json").is_file()
+    # The tokens it was trained to predict, which bild's runner then scores alone: the large model's
+    # choices in the data, and EOS.
+    vocab = output_vocab.load(out)
+    train_shards = sorted((work / "data").glob("train-*/shard_*.pt"))
+    chosen = {int(t) for f in train_shards for r in torch.load(f, weights_only=True) for t in r["topk_ids"][:, 0]}
+    assert chosen <= set(vocab) and tokenizer.eos_token_id in vocab and len(vocab) < model.config.vocab_size
     held = result["heldout"]
     assert 0.0 <= held["agreement"]["agreement"] <= 1.0 and held["agreement"]["positions"] > 0
     assert held["cost"]["small_ms"] > 0 and held["cost"]["large_ms"] > 0
