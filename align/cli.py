@@ -183,7 +183,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         return summary
     figures = {"agreement": agreement(small, held)}
     if not args.no_cost:
-        figures["cost"] = cost(small, large, held, n_prompts=2 if args.smoke else 6, new_tokens=8 if args.smoke else 32)
+        figures["cost"] = cost(small, large, held, n_prompts=2 if args.smoke else 6, new_tokens=8 if args.smoke else 32,
+                               vocab_ids=vocab_ids)
     info.update(final=True, step=summary["step"], heldout_agreement=figures["agreement"]["agreement"],
                 train_minutes=summary.get("minutes"), history=summary.get("history"), heldout=figures,
                 total_minutes=round((time.time() - started) / 60, 1))

@@ -3,15 +3,18 @@
 - agreement: top-1 agreement of the small model with the large model along the large model's
   greedy continuations of held-out prompts (teacher forcing: each position sees the large model's
   own prefix), overall, per prompt family, and how much of it a confidence threshold keeps.
-- cost: milliseconds per generated token at batch 1 in a hand loop with a KV cache, float32, for
-  both models on the same prompts, and their ratio.
+- cost: milliseconds per generated token at batch 1, float32, for both models on the same prompts,
+  and their ratio: in a plain transformers loop with a KV cache (`cost`), and in bild's own runner
+  (`cost_in_bild`: its CPU kernels, and only the tokens of output_vocab.json for the small model),
+  which is what a server pays.
 
-Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct]
+Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import logging
@@ -19,11 +22,14 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from align.train import collate, make_examples, position_logits
+from scheduler import output_vocab
+from scheduler.model_runner import CausalLMRunner, ForwardItem
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +100,41 @@ def ms_per_token(model: PreTrainedModel, prompt: list[int], new_tokens: int = 32
     return (time.perf_counter() - t0) * 1000 / new_tokens
 
 
-def cost(small: PreTrainedModel, large: PreTrainedModel, records: list[dict], n_prompts: int = 6, new_tokens: int = 32) -> dict:
-    """Cost per token of both models at batch 1, float32, on the same held-out prompts.
+def runner_ms_per_token(runner: CausalLMRunner, prompt: list[int], new_tokens: int = 32) -> float:
+    """Milliseconds per decode step at batch 1 in bild's runner (prefill excluded)."""
+    token = int(runner.forward([ForwardItem(0, 0, prompt)], all_logits=False)[0, -1].argmax())
+    t0 = time.perf_counter()
+    for i in range(new_tokens):
+        token = int(runner.forward([ForwardItem(0, len(prompt) + i, [token])], all_logits=False)[0, -1].argmax())
+    return (time.perf_counter() - t0) * 1000 / new_tokens
+
+
+def cost(small: PreTrainedModel, large: PreTrainedModel, records: list[dict], n_prompts: int = 6, new_tokens: int = 32,
+         vocab_ids: list[int] | None = None) -> dict:
+    """Cost per token of both models at batch 1, float32, on the same held-out prompts: in a
+    transformers loop, and in bild's runner (with the small model scoring only `vocab_ids`).
 
     The two models alternate prompt by prompt, so load from other processes on the machine
     affects both alike; medians over prompts, after one warm-up each."""
     prompts = [r["prompt_ids"].tolist() for r in records[:n_prompts]]
-    small32 = small.float() if small.dtype != torch.float32 else small
-    ms_per_token(small32, prompts[0], 4)
-    ms_per_token(large, prompts[0], 4)
+    small32 = copy.deepcopy(small).float().eval()  # the runner rearranges its layers: not the caller's model
+    in_transformers = _timed(lambda m, p: ms_per_token(m, p, new_tokens), small32, large, prompts)
+    if vocab_ids is not None:
+        output_vocab.install(small32, vocab_ids)
+    max_len = max(map(len, prompts)) + new_tokens + 1
+    runners = {id(m): CausalLMRunner(m, 1, max_len) for m in (small32, large)}
+    in_bild = _timed(lambda m, p: runner_ms_per_token(runners[id(m)], p, new_tokens), small32, large, prompts)
+    return {"transformers": in_transformers, "bild": in_bild}
+
+
+def _timed(ms: Callable[[PreTrainedModel, list[int]], float], small: PreTrainedModel, large: PreTrainedModel,
+           prompts: list[list[int]]) -> dict:
+    ms(small, prompts[0][:8])
+    ms(large, prompts[0][:8])
     s, l = [], []
     for prompt in prompts:
-        s.append(ms_per_token(small32, prompt, new_tokens))
-        l.append(ms_per_token(large, prompt, new_tokens))
+        s.append(ms(small, prompt))
+        l.append(ms(large, prompt))
     s_med, l_med = statistics.median(s), statistics.median(l)
     return {"small_ms": round(s_med, 2), "large_ms": round(l_med, 2), "ratio": round(s_med / l_med, 4)}
 
@@ -121,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cost", action="store_true", help="skip the timing")
+    parser.add_argument("--write", action="store_true", help="also update the figures in the small model's alignment.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,8 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32).eval()
     report = {"agreement": agreement(small, records)}
     if not args.no_cost:
-        report["cost"] = cost(small, large, records)
+        report["cost"] = cost(small, large, records, vocab_ids=output_vocab.load(Path(args.small)))
     print(json.dumps(report, indent=1))
+    if args.write:
+        path = Path(args.small) / "alignment.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        info["heldout"] = {**info.get("heldout", {}), **report}
+        info["heldout_agreement"] = report["agreement"]["agreement"]
+        path.write_text(json.dumps(info, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
