@@ -4,8 +4,8 @@
   greedy continuations of held-out prompts (teacher forcing: each position sees the large model's
   own prefix), overall, per prompt family, and how much of it a confidence threshold keeps.
 - cost: milliseconds per generated token at batch 1, float32, for both models on the same prompts,
-  and their ratio: in a plain transformers loop with a KV cache (`cost`), and in bild's own runner
-  (`cost_in_bild`: its CPU kernels, and only the tokens of output_vocab.json for the small model),
+  and their ratio: in a plain transformers loop with a KV cache (`transformers`), and in bild's own
+  runner (`bild`: its CPU kernels, and only the tokens of output_vocab.json for the small model),
   which is what a server pays.
 
 Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct] [--write]
