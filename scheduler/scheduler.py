@@ -52,7 +52,7 @@ class SchedulerConfig:
     verify_together: bool = False
     # Greedy exact-mode requests stop drafting while more than this many sequences decode (0: no
     # limit): a large batch makes each large forward dearer and drafts pay less, and their output
-    # is the large model's either way.
+    # is the large model's either way. With verify_together, bild-mode and sampled requests too.
     draft_batch_limit: int = 0
 
     def __post_init__(self) -> None:
@@ -297,7 +297,8 @@ class Scheduler:
         busy = 0 < self.config.draft_batch_limit < len(seqs)
 
         def large_only(s: Sequence) -> bool:  # this iteration: no draft, the large model's next token
-            return s.mode is Mode.LARGE or (busy and s.output_is_fixed)
+            may_skip = s.output_is_fixed or (self.config.verify_together and s.mode is not Mode.SMALL)
+            return s.mode is Mode.LARGE or (busy and may_skip)
 
         drafting = [s for s in seqs if s.mode in DRAFTING_MODES and not large_only(s)]
         to_large = [s for s in seqs if large_only(s)]

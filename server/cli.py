@@ -43,9 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     policy.add_argument("--max-new-tokens", type=int, default=256, help="when a request gives none (default: %(default)s)")
     policy.add_argument("--max-new-tokens-limit", type=int, default=2048, help="the most a request may ask for (default: %(default)s)")
     policy.add_argument("--verify-together", action="store_true",
-                        help="check bild-mode and sampled drafts in every large forward: faster under load, but a "
-                             "request's output then depends on the requests it shares the batch with (greedy exact "
-                             "requests always do this: their output cannot change)")
+                        help="let bild-mode and sampled requests trade batch-independent output for speed under load: "
+                             "their drafts are checked in every large forward, and --draft-batch-limit applies to "
+                             "them too (greedy exact requests always do both: their output cannot change)")
     policy.add_argument("--draft-batch-limit", type=int, default=2,
                         help="greedy exact requests draft only while at most this many sequences decode, else the "
                              "large model decodes them alone, with the same output (0: always draft; default: "

@@ -84,6 +84,22 @@ def test_greedy_exact_stops_drafting_in_a_busy_batch(models, prompts, references
     assert steps[2] < 0.5 * steps[0]
 
 
+def test_bild_stops_drafting_in_a_busy_batch_only_with_verify_together(models, prompts):
+    p = params(Mode.BILD, MAX_NEW, fallback_threshold=0.2, rollback_threshold=2.0)
+    join_at = [0] + [20] * (len(prompts) - 1)
+    steps, outputs = {}, {}
+    for together, limit in ((False, 0), (False, 2), (True, 2)):
+        scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=6, draft_batch_limit=limit,
+                                   verify_together=together)
+        outputs[together, limit], requests = run(scheduler, prompts, p, join_at)
+        assert requests[0].stats.small_tokens > 0
+        steps[together, limit] = scheduler.small.forward_calls
+    # By default a bild request's output must not depend on its batch, so it drafts regardless...
+    assert steps[False, 2] == steps[False, 0] and outputs[False, 2] == outputs[False, 0]
+    # ...and once the server may trade that away, it stops drafting while the batch is busy.
+    assert steps[True, 2] < 0.5 * steps[False, 0]
+
+
 def test_large_mode_equals_generate(models, prompts, references):
     scheduler = make_scheduler(models["large"], None, {EOS}, slots=4)
     outputs, requests = run(scheduler, prompts, params(Mode.LARGE, MAX_NEW), JOIN_AT)
