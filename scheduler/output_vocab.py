@@ -77,5 +77,5 @@ def install(model: nn.Module, token_ids: list[int]) -> None:
     """Swap the model's output head for a SubsetHead over `token_ids` (before cpu_linear.install)."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"an output vocabulary needs a linear output head, not {type(head).__name__}")
+        raise TypeError(f"an output vocabulary needs a linear output head, not {type(head).__name__}")
     model.set_output_embeddings(SubsetHead(head, token_ids))

@@ -47,7 +47,7 @@ def test_runner_scores_only_the_output_vocab(tiny_dirs, restricted_draft):
 
 
 def test_exact_mode_with_a_restricted_draft_equals_large_greedy(tiny_dirs, restricted_draft):
-    path, ids = restricted_draft
+    path, _ = restricted_draft
     pair = load_pair(tiny_dirs["large"], path)
     prompts = [[3 + i, 9, 14 + 2 * i, 40, 7] for i in range(6)]
     eos = tiny.SPECIALS.index(tiny.EOS)
