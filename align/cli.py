@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=float, default=0.03, help="fraction of the run")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--kd-weight", type=float, default=1.0, help="weight of distillation on top-k log-probs (0: off)")
-    t.add_argument("--vocab-topk", type=int, default=4,
-                   help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary)")
+    t.add_argument("--vocab-topk", type=int, default=1,
+                   help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary; "
+                        "1, the tokens it chose, which are also the ones bild has the draft score)")
     t.add_argument("--negatives", type=int, default=1024, help="other tokens sampled into each step's softmax")
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--eval-every", type=int, default=500)

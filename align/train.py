@@ -42,7 +42,10 @@ class TrainSettings:
     kd_weight: float = 1.0
     steps: int | None = None  # a fixed number of steps, or...
     minutes: float | None = None  # ...a wall-clock budget (the schedule then follows elapsed time)
-    vocab_topk: int = 4  # train the output softmax over tokens in the large model's top-k (0: full vocab)
+    # Train the output softmax over tokens in the large model's top-k (0: full vocab). With 1 (its
+    # choices, as in the data and output_vocab.json) SmolLM2's softmax has 15.8k tokens instead of
+    # 26k at top-4: 1.5x the tokens/s, and 47.8% held-out agreement after 20 minutes against 44.6%.
+    vocab_topk: int = 1
     negatives: int = 1024  # other tokens sampled into each step's softmax, so none can creep up unseen
     checkpoint_every: int = 200  # steps
     eval_every: int = 500  # steps
