@@ -133,22 +133,22 @@ def position_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     return hidden @ model.lm_head.weight[vocab].T
 
 
+def _token_ids(always: list[int], parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.unique(torch.cat([torch.tensor(always, dtype=torch.long), *(p.long().flatten() for p in parts)]))
+
+
 def training_vocab(records: list[dict], topk: int, always: list[int]) -> torch.Tensor:
     """Token ids the large model actually puts in its top-k (plus every target): the output softmax
     is trained over these, because at a 49k vocabulary the output layer is most of the cost and
     most tokens never come up."""
-    parts = [torch.tensor(always, dtype=torch.long)]
-    for r in records:
-        parts.append(r["cont_ids"].long())
-        parts.append(r["topk_ids"][:, :topk].long().flatten())
-    return torch.unique(torch.cat(parts))
+    return _token_ids(always, [t for r in records for t in (r["cont_ids"], r["topk_ids"][:, :topk])])
 
 
 def predicted_vocab(records: list[dict], always: list[int]) -> list[int]:
     """Token ids the large model chose somewhere in the data (plus `always`): the only tokens the
-    small model is trained to predict, so the only ones bild needs it to score."""
-    parts = [torch.tensor(always, dtype=torch.long)] + [r["topk_ids"][:, 0].long() for r in records]
-    return torch.unique(torch.cat(parts)).tolist()
+    small model is trained to predict, so the only ones bild needs it to score. Narrower than
+    training_vocab(records, 1, ...), which also holds the tokens of sampled continuations."""
+    return _token_ids(always, [r["topk_ids"][:, 0] for r in records]).tolist()
 
 
 def alignment_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
