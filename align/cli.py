@@ -6,13 +6,17 @@ Steps, each resumable (rerun the same command after an interruption and it conti
    top-k log-probs, in shards under --work-dir;
 3. training of the small model (created from architecture flags, or continued from --small), with
    checkpoints under --work-dir, each also saved to --out so a usable model exists early;
-4. the held-out figures (agreement, cost per token vs the large model), written to
+4. optionally (--onpolicy-minutes), on-policy data: the trained small model writes greedy
+   continuations of the training prompts and the large model labels them (align/label.py, about
+   1.9x the tokens per minute of step 2), then training continues on all the data;
+5. the held-out figures (agreement, cost per token vs the large model), written to
    --out/alignment.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -28,6 +32,7 @@ from align.generate import GenSettings, generate_shards, load_shards
 from align.model import SmallArch, create_small, save_small
 from align.prompts import split_prompts
 from align.train import TrainSettings, predicted_vocab, train
+from scheduler import output_vocab
 
 log = logging.getLogger("bild.align")
 
@@ -82,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--no-cost", action="store_true", help="skip timing the models at the end")
+    o = p.add_argument_group("on-policy stage (after training)")
+    o.add_argument("--onpolicy-minutes", type=float, default=0.0,
+                   help="budget for continuations the trained small model writes and the large model labels (0: no such stage)")
+    o.add_argument("--retrain-minutes", type=float, default=None, help="training on all the data after that (default: --train-minutes)")
+    o.add_argument("--retrain-steps", type=int, default=None, help="the same as a number of steps (default: --train-steps)")
+    o.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of that training (default: --lr)")
     return p
 
 
@@ -125,7 +136,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     for kind in kinds:
         key = kind.key(args.large, "train")
         spent_before = sum(json.loads(f.read_text())["seconds"] for f in (work / "data").glob("train-*/spent.json")
-                           if f.parent.name != key)  # one budget over all kinds of training data
+                           if f.parent.name != key and "-onpolicy-" not in f.parent.name)  # one budget over the large model's data
         left = None if budget is None else max(budget - spent_before, 0.0)
         n = generate_shards(large, tokenizer, train_prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:13]}")
         sources.append((key, n))
@@ -182,6 +193,36 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps)
     if summary.get("interrupted"):
         return summary
+    if args.onpolicy_minutes > 0:
+        # The model just trained writes (greedily, scoring only its output vocabulary: what bild's
+        # runner would draft); its identity is the run that made it, so a resumed run finds the data.
+        writer = copy.deepcopy(small).eval()
+        output_vocab.install(writer, vocab_ids)
+        kind = replace(gen, writer=run_key)
+        key = kind.key(args.large, "train")
+        n = generate_shards(writer, tokenizer, train_prompts, work / "data" / key, kind, budget_s=args.onpolicy_minutes * 60,
+                            desc=f"on-policy {key[:14]}", labeller=large)
+        del writer
+        onpolicy = load_shards(work / "data" / key, n)
+        records += onpolicy
+        vocab_ids = predicted_vocab(records, specials)
+        info.update(onpolicy_continuations=len(onpolicy), onpolicy_tokens=sum(r["cont_ids"].numel() for r in onpolicy),
+                    train_continuations=len(records), train_tokens=sum(r["cont_ids"].numel() for r in records))
+        log.info("on-policy data: %d continuations, %d tokens", info["onpolicy_continuations"], info["onpolicy_tokens"])
+        steps = args.retrain_steps if args.retrain_steps is not None else args.train_steps
+        minutes = None if steps is not None else args.retrain_minutes if args.retrain_minutes is not None else args.train_minutes
+        settings = replace(settings, steps=steps, minutes=minutes, lr=args.retrain_lr if args.retrain_lr is not None else args.lr)
+        signature = {"after": run_key, "data": sources + [(key, n)], "train": asdict(settings)}
+        run_key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
+        ckpt = work / "train" / run_key / "checkpoint.pt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        (ckpt.parent / "signature.json").write_text(json.dumps(signature, indent=1))
+        info.update(retrain_settings=asdict(settings), first_stage={"step": summary["step"], "train_minutes": summary.get("minutes")})
+        first_history = [{**h, "stage": 1} for h in summary.get("history") or []]
+        summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps)
+        if summary.get("interrupted"):
+            return summary
+        summary["history"] = first_history + [{**h, "stage": 2} for h in summary.get("history") or []]
     figures = {"agreement": agreement(small, held)}
     if not args.no_cost:
         figures["cost"] = cost(small, large, held, n_prompts=2 if args.smoke else 6, new_tokens=8 if args.smoke else 32,

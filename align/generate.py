@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from align.cpu import governor
+from align.label import label_records
 from align.prompts import Prompt
 from scheduler.model_runner import CausalLMRunner
 from scheduler.request import Mode, Request, SamplingParams
@@ -41,10 +42,15 @@ class GenSettings:
     sampled: bool = False  # False: greedy continuations; True: sampled ones
     temperature: float = 0.8
     seed: int = 0
+    # Who writes the continuations: "" for the large model itself; else an identity of the small
+    # model that writes them (bild-align uses the key of the training run that made it), while the
+    # large model only labels them (label.py).
+    writer: str = ""
 
     def key(self, large_spec: str, split: str) -> str:
-        blob = json.dumps({"v": DATA_VERSION, "large": large_spec, "split": split, **asdict(self)}, sort_keys=True)
-        kind = "sampled" if self.sampled else "greedy"
+        fields = {k: v for k, v in asdict(self).items() if k != "writer" or v}  # keys from before `writer` stay valid
+        blob = json.dumps({"v": DATA_VERSION, "large": large_spec, "split": split, **fields}, sort_keys=True)
+        kind = "onpolicy" if self.writer else "sampled" if self.sampled else "greedy"
         return f"{split}-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -69,14 +75,17 @@ def make_scheduler(model: PreTrainedModel, settings: GenSettings, max_prompt: in
     return Scheduler(None, CausalLMRunner(model, settings.batch_size, max_len), config, {eos_id})
 
 
-def generate_records(scheduler: Scheduler, prompt_ids: list[list[int]], settings: GenSettings, seed: int
-                     ) -> list[dict[str, torch.Tensor]]:
+def generate_records(scheduler: Scheduler, prompt_ids: list[list[int]], settings: GenSettings, seed: int,
+                     labeller: PreTrainedModel | None = None) -> list[dict[str, torch.Tensor]]:
     """Continue each prompt; return per prompt its ids, continuation ids (ending at eos if reached)
-    and the large model's top-k log-probs at every continuation position (raw, before sampling)."""
+    and the large model's top-k log-probs at every continuation position (raw, before sampling):
+    recorded while generating, or, when another model writes (`labeller` is then the large one),
+    computed afterwards by label.py."""
     requests = []
     for i, prompt in enumerate(prompt_ids):
         params = SamplingParams(
-            mode=Mode.LARGE, max_new_tokens=settings.max_new_tokens, logprobs=True, top_logprobs=settings.topk,
+            mode=Mode.LARGE, max_new_tokens=settings.max_new_tokens, logprobs=labeller is None,
+            top_logprobs=settings.topk if labeller is None else 0,
             temperature=settings.temperature if settings.sampled else 0.0, seed=seed + i,
         )
         requests.append(Request(str(i), prompt, params))
@@ -87,7 +96,12 @@ def generate_records(scheduler: Scheduler, prompt_ids: list[list[int]], settings
         governor().poll()  # adjusts torch's thread count to the cores free now
         for out in scheduler.step():
             tokens[out.request.request_id] += out.tokens
-            logprobs[out.request.request_id] += out.logprobs
+            logprobs[out.request.request_id] += out.logprobs or []
+    if labeller is not None:
+        records = [{"prompt_ids": torch.tensor(r.prompt, dtype=torch.int32),
+                    "cont_ids": torch.tensor(tokens[r.request_id], dtype=torch.int32)} for r in requests]
+        label_records(labeller, records, settings.topk)
+        return records
     records = []
     for r in requests:
         top = logprobs[r.request_id]  # the eos, when reached, is the last token: the draft must learn to stop
@@ -114,6 +128,7 @@ def generate_shards(
     settings: GenSettings,
     budget_s: float | None = None,
     desc: str = "generate",
+    labeller: PreTrainedModel | None = None,
 ) -> int:
     """Write the shards for `prompts` that are not there yet, stopping once `budget_s` seconds of
     generation have been spent in this data directory over all runs (kept in spent.json, so a
@@ -144,7 +159,7 @@ def generate_shards(
         first = index * settings.shard_prompts
         chunk = prompts[first : first + settings.shard_prompts]
         records = generate_records(scheduler, ids[first : first + len(chunk)], settings,
-                                   seed=settings.seed * 1_000_003 + first)
+                                   seed=settings.seed * 1_000_003 + first, labeller=labeller)
         for prompt, rec in zip(chunk, records):
             rec["family"] = prompt.family
             tokens += rec["cont_ids"].numel()

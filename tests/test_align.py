@@ -7,13 +7,14 @@ weights as a run that was never interrupted.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from align import cpu
 from align.cli import build_parser, run
@@ -24,11 +25,13 @@ from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 
 @pytest.fixture(scope="module")
 def tiny_large(tmp_path_factory) -> Path:
-    """A random Llama with SmolLM2's tokenizer and vocabulary, saved like a real model."""
+    """A random Llama with SmolLM2's tokenizer and vocabulary, saved like a real model. Its weights are
+    drawn 10x wider than the usual init: at the usual scale it answers every prompt with one token
+    repeated, which no small model could disagree with."""
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -97,3 +100,64 @@ def test_smoke_alignment_resumes_and_loads(tiny_large: Path, tmp_path: Path, cap
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_labelling_a_continuation_reproduces_what_generation_recorded(tiny_large: Path) -> None:
+    # label.py scores continuations the small model wrote; scoring the large model's own continuations
+    # must give back the log-probs generation recorded for them, position for position.
+    from align.generate import GenSettings, encode_prompts, generate_records, make_scheduler
+    from align.label import label_records
+    from scheduler.loading import load_causal_lm
+
+    large, tokenizer = load_causal_lm(str(tiny_large))
+    settings = GenSettings(max_new_tokens=12, topk=4, batch_size=4, sampled=True, temperature=1.0)
+    ids = encode_prompts(tokenizer, ["Say hello.", "Write a haiku about rain, please.", "2+2?", "Name a colour."])
+    scheduler = make_scheduler(large, settings, max(map(len, ids)), tokenizer.eos_token_id)
+    generated = generate_records(scheduler, ids, settings, seed=5)
+    relabelled = [{"prompt_ids": r["prompt_ids"], "cont_ids": r["cont_ids"]} for r in generated]
+    label_records(large, relabelled, settings.topk, batch_tokens=64)  # small batches: padding in play
+    assert sum(r["cont_ids"].numel() for r in generated) > 20
+    for g, r in zip(generated, relabelled):
+        assert r["topk_ids"].shape == g["topk_ids"].shape
+        torch.testing.assert_close(r["topk_logp"].float(), g["topk_logp"].float(), atol=2e-3, rtol=0)
+        assert (r["topk_ids"][:, 0] == g["topk_ids"][:, 0]).all()
+
+
+def test_onpolicy_stage_trains_on_continuations_the_small_model_wrote(tiny_large: Path, tmp_path: Path) -> None:
+    work, out = tmp_path / "work", tmp_path / "out"
+    # Three first-stage steps leave the small model far from the large one, so their continuations differ.
+    args = build_parser().parse_args(["--smoke", "--large", str(tiny_large), "--work-dir", str(work), "--out", str(out),
+                                      "--train-steps", "3", "--onpolicy-minutes", "5", "--retrain-steps", "10", "--no-cost"])
+    result = run(args)
+    assert result["final"] and result["step"] == 10 and result["onpolicy_tokens"] > 0
+    assert result["train_tokens"] > result["onpolicy_tokens"], "the second stage trains on all the data"
+    assert result["history"] and result["history"][-1]["stage"] == 2
+    (first,) = [c for c in (work / "train").glob("*/checkpoint.pt") if "after" not in json.loads((c.parent / "signature.json").read_text())]
+    assert len(list((work / "train").glob("*/checkpoint.pt"))) == 2
+
+    def load(kind: str) -> dict[tuple, dict]:
+        (data_dir,) = (work / "data").glob(f"train-{kind}-*")
+        return {tuple(r["prompt_ids"].tolist()): r for f in sorted(data_dir.glob("shard_*.pt"))
+                for r in torch.load(f, weights_only=True)}
+
+    greedy, onpolicy = load("greedy"), load("onpolicy")
+    assert onpolicy.keys() == greedy.keys(), "the small model continues the same training prompts"
+    assert any(onpolicy[p]["cont_ids"].tolist() != greedy[p]["cont_ids"].tolist() for p in greedy)
+    # They are the first-stage model's greedy continuations over its output vocabulary.
+    writer = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    writer.load_state_dict(torch.load(first, weights_only=False)["model"])
+    outside = torch.ones(writer.config.vocab_size, dtype=torch.bool)
+    outside[output_vocab.load(out)] = False
+    for prompt, record in list(onpolicy.items())[:4]:
+        ids = list(prompt)
+        for _ in range(record["cont_ids"].numel()):
+            logits = writer(input_ids=torch.tensor([ids])).logits[0, -1].masked_fill(outside, float("-inf"))
+            ids.append(int(logits.argmax()))
+        assert ids[len(prompt):] == record["cont_ids"].tolist()
+        assert record["topk_ids"].shape == (record["cont_ids"].numel(), args.topk)
+    # Rerunning the finished command redoes nothing and gives the same model.
+    before = _weights(out)
+    assert run(args)["step"] == 10
+    after = _weights(out)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)

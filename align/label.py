@@ -1,0 +1,54 @@
+"""The large model's top-k log-probs along continuations someone else wrote (teacher forcing).
+
+Generating with the large model costs one forward per token; scoring a finished continuation
+costs one forward per continuation. On 2 CPU cores, with SmolLM2-135M and its 5-layer draft writing,
+that gives about 270 labelled tokens/s against 144 generated. It makes on-policy alignment data
+cheaper: the small model writes the continuations (its own mistakes included, which is where it
+needs teaching, as in DistillSpec), and the large model only labels them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+
+@torch.inference_mode()
+def label_records(large: PreTrainedModel, records: list[dict], topk: int, batch_tokens: int = 2048) -> None:
+    """Set each record's topk_ids / topk_logp (in place) to the large model's top-k log-probs at
+    every continuation position: the prediction of cont_ids[j] from prompt_ids + cont_ids[:j].
+    The same figures generation records, so labelled and generated shards train alike."""
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["prompt_ids"]) + len(records[i]["cont_ids"]))
+    batch: list[int] = []
+    for i in order + [None]:
+        if i is not None:
+            width = len(records[i]["prompt_ids"]) + len(records[i]["cont_ids"])
+            if not batch or width * (len(batch) + 1) <= batch_tokens:
+                batch.append(i)
+                continue
+        if batch:
+            _label_batch(large, [records[j] for j in batch], topk)
+        batch = [i] if i is not None else []
+
+
+def _label_batch(large: PreTrainedModel, records: list[dict], topk: int) -> None:
+    seqs = [torch.cat([r["prompt_ids"].long(), r["cont_ids"].long()[:-1]]) for r in records]
+    width = max(s.numel() for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, cols = [], []
+    for b, (s, r) in enumerate(zip(seqs, records)):
+        ids[b, : s.numel()] = s
+        mask[b, : s.numel()] = 1  # right padding: real positions never attend to it
+        start, n = r["prompt_ids"].numel() - 1, r["cont_ids"].numel()
+        rows.append(torch.full((n,), b))
+        cols.append(torch.arange(start, start + n))
+    hidden = large.model(input_ids=ids, attention_mask=mask).last_hidden_state[torch.cat(rows), torch.cat(cols)]
+    logp = torch.log_softmax(large.lm_head(hidden).float(), dim=-1)
+    top = logp.topk(topk, dim=-1)
+    offset = 0
+    for r in records:
+        n = r["cont_ids"].numel()
+        r["topk_ids"] = top.indices[offset : offset + n].to(torch.int32)
+        r["topk_logp"] = top.values[offset : offset + n].to(torch.float16)
+        offset += n
