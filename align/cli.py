@@ -48,6 +48,16 @@ def heldout_records(large, tokenizer, large_spec: str, work_dir: Path, n_prompts
     return load_shards(data_dir)
 
 
+def training_run(work_dir: Path, signature: dict) -> tuple[str, Path]:
+    """A training run's key and checkpoint path: the same signature (inputs and settings) finds the
+    same checkpoint, which is how a rerun resumes."""
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
+    ckpt = work_dir / "train" / key / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    (ckpt.parent / "signature.json").write_text(json.dumps(signature, indent=1))
+    return key, ckpt
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bild-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--large", default="smollm2-135m-instruct", help="large model: alias, GGUF path, directory or hub id")
@@ -164,11 +174,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         vocab_topk=args.vocab_topk, negatives=args.negatives, steps=args.train_steps, minutes=args.train_minutes,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
     )
-    signature = {"large": args.large, "data": sources, "origin": origin, "train": asdict(settings)}
-    run_key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
-    ckpt = work / "train" / run_key / "checkpoint.pt"
-    (ckpt.parent).mkdir(parents=True, exist_ok=True)
-    (ckpt.parent / "signature.json").write_text(json.dumps(signature, indent=1))
+    run_key, ckpt = training_run(work, {"large": args.large, "data": sources, "origin": origin, "train": asdict(settings)})
 
     specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
                             small.config.eos_token_id, small.config.bos_token_id) if isinstance(i, int)]
@@ -212,11 +218,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         steps = args.retrain_steps if args.retrain_steps is not None else args.train_steps
         minutes = None if steps is not None else args.retrain_minutes if args.retrain_minutes is not None else args.train_minutes
         settings = replace(settings, steps=steps, minutes=minutes, lr=args.retrain_lr if args.retrain_lr is not None else args.lr)
-        signature = {"after": run_key, "data": sources + [(key, n)], "train": asdict(settings)}
-        run_key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
-        ckpt = work / "train" / run_key / "checkpoint.pt"
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        (ckpt.parent / "signature.json").write_text(json.dumps(signature, indent=1))
+        run_key, ckpt = training_run(work, {"after": run_key, "data": sources + [(key, n)], "train": asdict(settings)})
         info.update(retrain_settings=asdict(settings), first_stage={"step": summary["step"], "train_minutes": summary.get("minutes")})
         first_history = [{**h, "stage": 1} for h in summary.get("history") or []]
         summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from align.train import position_logits
+
 
 @torch.inference_mode()
 def label_records(large: PreTrainedModel, records: list[dict], topk: int, batch_tokens: int = 2048) -> None:
@@ -43,8 +45,7 @@ def _label_batch(large: PreTrainedModel, records: list[dict], topk: int) -> None
         start, n = r["prompt_ids"].numel() - 1, r["cont_ids"].numel()
         rows.append(torch.full((n,), b))
         cols.append(torch.arange(start, start + n))
-    hidden = large.model(input_ids=ids, attention_mask=mask).last_hidden_state[torch.cat(rows), torch.cat(cols)]
-    logp = torch.log_softmax(large.lm_head(hidden).float(), dim=-1)
+    logp = torch.log_softmax(position_logits(large, ids, mask, torch.cat(rows), torch.cat(cols)).float(), dim=-1)
     top = logp.topk(topk, dim=-1)
     offset = 0
     for r in records:
