@@ -196,7 +196,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
                        vocab_ids=vocab_ids)
             log.info("checkpoint at step %d shipped to %s (held-out agreement %.4f)", step, out, score)
 
-    summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps)
+    summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps,
+                    specials=specials)
     if summary.get("interrupted"):
         return summary
     if args.onpolicy_minutes > 0:
@@ -221,7 +222,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         run_key, ckpt = training_run(work, {"after": run_key, "data": sources + [(key, n)], "train": asdict(settings)})
         info.update(retrain_settings=asdict(settings), first_stage={"step": summary["step"], "train_minutes": summary.get("minutes")})
         first_history = [{**h, "stage": 1} for h in summary.get("history") or []]
-        summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps)
+        summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps,
+                    specials=specials)
         if summary.get("interrupted"):
             return summary
         summary["history"] = first_history + [{**h, "stage": 2} for h in summary.get("history") or []]

@@ -18,9 +18,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -183,10 +183,13 @@ def train(
     on_eval: Callable[[PreTrainedModel, int], dict] | None = None,
     on_checkpoint: Callable[[PreTrainedModel, int], None] | None = None,
     stop_after_steps: int | None = None,
+    specials: Sequence[int] = (),
 ) -> dict:
     """Train in place, resuming from `ckpt_path` if it exists. Returns a summary of the run.
 
-    stop_after_steps stops this call early (after a checkpoint), as an interruption would: tests use it.
+    specials: token ids (EOS, BOS, ...) the training softmax always covers, as does the shipped
+    output vocabulary. stop_after_steps stops this call early (after a checkpoint), as an
+    interruption would: tests use it.
     """
     if settings.steps is None and settings.minutes is None:
         raise ValueError("give a number of steps or a time budget")
@@ -197,8 +200,7 @@ def train(
     vocab_size = model.get_input_embeddings().weight.shape[0]
     vocab = remap = outside = None
     if settings.vocab_topk > 0:
-        specials = [i for i in (model.config.eos_token_id, model.config.bos_token_id, pad_id) if isinstance(i, int)]
-        vocab = training_vocab(records, settings.vocab_topk, specials)
+        vocab = training_vocab(records, settings.vocab_topk, list(specials))
         remap = torch.full((vocab_size,), -1, dtype=torch.long)
         remap[vocab] = torch.arange(vocab.numel())
         mask = torch.ones(vocab_size, dtype=torch.bool)
