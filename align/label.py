@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from align.train import position_logits
+from align.train import pad_batch, position_logits
 
 
 @torch.inference_mode()
@@ -34,22 +34,9 @@ def label_records(large: PreTrainedModel, records: list[dict], topk: int, batch_
 
 
 def _label_batch(large: PreTrainedModel, records: list[dict], topk: int) -> None:
-    seqs = [torch.cat([r["prompt_ids"].long(), r["cont_ids"].long()[:-1]]) for r in records]
-    width = max(s.numel() for s in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, cols = [], []
-    for b, (s, r) in enumerate(zip(seqs, records)):
-        ids[b, : s.numel()] = s
-        mask[b, : s.numel()] = 1  # right padding: real positions never attend to it
-        start, n = r["prompt_ids"].numel() - 1, r["cont_ids"].numel()
-        rows.append(torch.full((n,), b))
-        cols.append(torch.arange(start, start + n))
-    logp = torch.log_softmax(position_logits(large, ids, mask, torch.cat(rows), torch.cat(cols)).float(), dim=-1)
-    top = logp.topk(topk, dim=-1)
-    offset = 0
-    for r in records:
-        n = r["cont_ids"].numel()
-        r["topk_ids"] = top.indices[offset : offset + n].to(torch.int32)
-        r["topk_logp"] = top.values[offset : offset + n].to(torch.float16)
-        offset += n
+    counts = [r["cont_ids"].numel() for r in records]
+    batch = pad_batch([torch.cat([r["prompt_ids"].long(), r["cont_ids"].long()[:-1]]) for r in records],
+                      [r["prompt_ids"].numel() - 1 for r in records], counts, pad_id=0)
+    top = torch.log_softmax(position_logits(large, **batch).float(), dim=-1).topk(topk, dim=-1)
+    for r, ids, logp in zip(records, top.indices.split(counts), top.values.split(counts)):
+        r["topk_ids"], r["topk_logp"] = ids.to(torch.int32), logp.to(torch.float16)

@@ -96,30 +96,27 @@ def batch_order(n_examples: int, batch_size: int, lengths: list[int], seed: int,
     return batches
 
 
+def pad_batch(inputs: list[torch.Tensor], starts: list[int], counts: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token id sequences into one batch, with the (row, col) of each sequence's `counts`
+    predicted positions from `starts` on: what position_logits reads."""
+    ids = torch.full((len(inputs), max(x.numel() for x in inputs)), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, x in enumerate(inputs):
+        ids[b, : x.numel()] = x
+        attn[b, : x.numel()] = 1  # right padding: real positions never attend to it
+    rows = torch.cat([torch.full((n,), b) for b, n in enumerate(counts)])
+    cols = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, counts)])
+    return {"input_ids": ids, "attention_mask": attn, "rows": rows, "cols": cols}
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(e.input_ids.numel() for e in examples)
     k = examples[0].topk_ids.shape[1]
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    rows, cols, targets, top_ids, top_logp = [], [], [], [], []
-    for b, e in enumerate(examples):
-        n = e.input_ids.numel()
-        ids[b, :n] = e.input_ids
-        attn[b, :n] = 1
-        m = e.targets.numel()
-        rows.append(torch.full((m,), b))
-        cols.append(torch.arange(e.start, e.start + m))
-        targets.append(e.targets)
-        top_ids.append(e.topk_ids[:m, :k])
-        top_logp.append(e.topk_logp[:m, :k])
+    counts = [e.targets.numel() for e in examples]
     return {
-        "input_ids": ids,
-        "attention_mask": attn,
-        "rows": torch.cat(rows),
-        "cols": torch.cat(cols),
-        "targets": torch.cat(targets),
-        "topk_ids": torch.cat(top_ids),
-        "topk_logp": torch.cat(top_logp),
+        **pad_batch([e.input_ids for e in examples], [e.start for e in examples], counts, pad_id),
+        "targets": torch.cat([e.targets for e in examples]),
+        "topk_ids": torch.cat([e.topk_ids[:m, :k] for e, m in zip(examples, counts)]),
+        "topk_logp": torch.cat([e.topk_logp[:m, :k] for e, m in zip(examples, counts)]),
     }
 
 
