@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary; "
                         "1, the tokens it chose, which are also the ones bild has the draft score)")
     t.add_argument("--negatives", type=int, default=1024, help="other tokens sampled into each step's softmax")
+    t.add_argument("--batch-vocab", type=int, default=TrainSettings.batch_vocab,
+                   help="each step's softmax covers the batch's own top-k tokens and this many others from the training "
+                        "vocabulary (0: all of it)")
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--no-cost", action="store_true", help="skip timing the models at the end")
@@ -171,10 +174,10 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         args.train_minutes = 30.0
     settings = TrainSettings(
         lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, kd_weight=args.kd_weight,
-        vocab_topk=args.vocab_topk, negatives=args.negatives, steps=args.train_steps, minutes=args.train_minutes,
-        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
+        vocab_topk=args.vocab_topk, negatives=args.negatives, batch_vocab=args.batch_vocab, steps=args.train_steps,
+        minutes=args.train_minutes, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
     )
-    run_key, ckpt = training_run(work, {"large": args.large, "data": sources, "origin": origin, "train": asdict(settings)})
+    run_key, ckpt = training_run(work, {"large": args.large, "data": sources, "origin": origin, "train": settings.signature()})
 
     specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
                             small.config.eos_token_id, small.config.bos_token_id) if isinstance(i, int)]
@@ -219,7 +222,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         steps = args.retrain_steps if args.retrain_steps is not None else args.train_steps
         minutes = None if steps is not None else args.retrain_minutes if args.retrain_minutes is not None else args.train_minutes
         settings = replace(settings, steps=steps, minutes=minutes, lr=args.retrain_lr if args.retrain_lr is not None else args.lr)
-        run_key, ckpt = training_run(work, {"after": run_key, "data": sources + [(key, n)], "train": asdict(settings)})
+        run_key, ckpt = training_run(work, {"after": run_key, "data": sources + [(key, n)], "train": settings.signature()})
         info.update(retrain_settings=asdict(settings), first_stage={"step": summary["step"], "train_minutes": summary.get("minutes")})
         first_history = [{**h, "stage": 1} for h in summary.get("history") or []]
         summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps,

@@ -47,9 +47,19 @@ class TrainSettings:
     # 26k at top-4: 1.5x the tokens/s, and 47.8% held-out agreement after 20 minutes against 44.6%.
     vocab_topk: int = 1
     negatives: int = 1024  # other tokens sampled into each step's softmax, so none can creep up unseen
+    # With N > 0, each step's softmax covers only the batch's own tokens (its top-k) and N others
+    # sampled from the training vocabulary, not all of it (see `SoftmaxColumns`). For SmolLM2, 2048
+    # made a 35-minute training 1.4x as many steps and reach 58.0% held-out agreement, against 54.4%
+    # with the whole training vocabulary every step (same data, same budget).
+    batch_vocab: int = 2048
     checkpoint_every: int = 200  # steps
     eval_every: int = 500  # steps
     seed: int = 0
+
+    def signature(self) -> dict:
+        """The settings that identify a training run; batch_vocab, added later, is left out when off,
+        so the runs made before it keep their keys."""
+        return {k: v for k, v in asdict(self).items() if k != "batch_vocab" or v}
 
 
 @dataclass
@@ -148,6 +158,44 @@ def predicted_vocab(records: list[dict], always: list[int]) -> list[int]:
     return _token_ids(always, [r["topk_ids"][:, 0] for r in records]).tolist()
 
 
+class SoftmaxColumns:
+    """Which tokens each training step's output softmax covers, and the batch's ids remapped to
+    those columns (-1 for a top-k token left out: it drops out of the distillation target).
+
+    All of `vocab` (the training vocabulary) every step, or with `batch_vocab` > 0 only the batch's
+    own tokens (its targets and the training-vocabulary tokens of its top-k) plus that many others
+    drawn from `vocab`: about 3x fewer columns for SmolLM2, whose 15.8k training tokens dwarf the
+    3.5k distinct top-16 tokens of a batch of 16 continuations, and the tokens that compete at the
+    batch's positions are all there. Either way, `negatives` tokens from outside `vocab` are added
+    too, so none of those can creep up unseen."""
+
+    def __init__(self, vocab: torch.Tensor, vocab_size: int, batch_vocab: int, negatives: int, seed: int) -> None:
+        self.vocab, self.batch_vocab, self.negatives, self.seed = vocab, batch_vocab, negatives, seed
+        self.remap = torch.full((vocab_size,), -1, dtype=torch.long)
+        self.remap[vocab] = torch.arange(vocab.numel())
+        outside = torch.ones(vocab_size, dtype=torch.bool)
+        outside[vocab] = False
+        self.outside = outside.nonzero().squeeze(1)
+
+    def for_step(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """The step's columns (token ids); remaps batch["targets"] and batch["topk_ids"] in place."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # the same draws on resume
+        columns, remap = self.vocab, self.remap
+        if self.batch_vocab > 0:
+            ids = batch["topk_ids"]
+            own = torch.cat([batch["targets"], ids[self.remap[ids] >= 0]])
+            pick = torch.randint(0, self.vocab.numel(), (self.batch_vocab,), generator=g)
+            columns = torch.unique(torch.cat([own, self.vocab[pick]]))
+            remap = torch.full_like(self.remap, -1)
+            remap[columns] = torch.arange(columns.numel())
+        batch["targets"] = remap[batch["targets"]]
+        batch["topk_ids"] = remap[batch["topk_ids"]]
+        if self.negatives > 0 and self.outside.numel() > 0:
+            pick = torch.randint(0, self.outside.numel(), (self.negatives,), generator=g)
+            columns = torch.cat([columns, self.outside[pick]])
+        return columns
+
+
 def alignment_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
     logp = torch.log_softmax(logits.float(), dim=-1)
     hard = F.nll_loss(logp, batch["targets"])
@@ -195,15 +243,13 @@ def train(
         raise ValueError("no training examples: generate data first")
     lengths = [e.input_ids.numel() for e in examples]
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    vocab = remap = outside = None
+    columns = None
     if settings.vocab_topk > 0:
         vocab = training_vocab(records, settings.vocab_topk, list(specials))
-        remap = torch.full((vocab_size,), -1, dtype=torch.long)
-        remap[vocab] = torch.arange(vocab.numel())
-        mask = torch.ones(vocab_size, dtype=torch.bool)
-        mask[vocab] = False
-        outside = mask.nonzero().squeeze(1)
-        log.info("training softmax over %d of %d tokens (+%d sampled per step)", vocab.numel(), vocab_size, settings.negatives)
+        columns = SoftmaxColumns(vocab, vocab_size, settings.batch_vocab, settings.negatives, settings.seed)
+        log.info("training softmax over %s of %d tokens (+%d sampled per step)",
+                 f"the batch's own and {settings.batch_vocab} more" if settings.batch_vocab else vocab.numel(),
+                 vocab_size, settings.negatives)
     n_batches = math.ceil(len(examples) / settings.batch_size)
     torch.manual_seed(settings.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -250,15 +296,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = settings.lr * lr_factor(progress(), settings.warmup, settings.min_lr_ratio)
         batch = collate([examples[i] for i in batch_idx], pad_id)
-        step_vocab = None
-        if vocab is not None:
-            batch["targets"] = remap[batch["targets"]]
-            batch["topk_ids"] = remap[batch["topk_ids"]]
-            step_vocab = vocab
-            if settings.negatives > 0 and outside.numel() > 0:
-                g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)  # same negatives on resume
-                pick = torch.randint(0, outside.numel(), (settings.negatives,), generator=g)
-                step_vocab = torch.cat([vocab, outside[pick]])
+        step_vocab = columns.for_step(batch, step) if columns is not None else None
         logits = position_logits(model, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], step_vocab)
         loss, stats = alignment_loss(logits, batch, settings.kd_weight)
         opt.zero_grad(set_to_none=True)

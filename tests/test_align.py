@@ -161,3 +161,28 @@ def test_onpolicy_stage_trains_on_continuations_the_small_model_wrote(tiny_large
     after = _weights(out)
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("batch_vocab", [0, 8])
+def test_softmax_columns_keep_every_target_and_top_k_token_of_the_batch(batch_vocab: int) -> None:
+    from align.train import SoftmaxColumns
+
+    vocab = torch.arange(0, 200, 2)  # the training vocabulary: even ids of 400
+    targets = torch.tensor([4, 10, 4, 198])
+    topk = torch.tensor([[4, 6, 7], [10, 11, 12], [4, 0, 399], [198, 196, 3]])  # odd ids lie outside it
+    columns = SoftmaxColumns(vocab, 400, batch_vocab=batch_vocab, negatives=5, seed=1)
+    batch = {"targets": targets.clone(), "topk_ids": topk.clone()}
+    step_columns = columns.for_step(batch, step=7)
+
+    assert (step_columns[batch["targets"]] == targets).all()
+    inside = topk % 2 == 0
+    assert (step_columns[batch["topk_ids"][inside]] == topk[inside]).all()
+    assert (batch["topk_ids"][~inside] == -1).all(), "tokens outside the training vocabulary drop out of the target"
+    assert len(set(step_columns[-5:].tolist()) & set(vocab.tolist())) == 0, "the negatives come from outside it"
+    if batch_vocab:
+        assert step_columns.numel() <= 7 + batch_vocab + 5 < vocab.numel()
+    else:
+        assert step_columns.numel() == vocab.numel() + 5
+    again = {"targets": targets.clone(), "topk_ids": topk.clone()}
+    assert torch.equal(columns.for_step(again, step=7), step_columns), "a resumed run draws the same columns"
+
