@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--warmup", type=float, default=0.03, help="fraction of the run")
     t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay)
     t.add_argument("--kd-weight", type=float, default=1.0, help="weight of distillation on top-k log-probs (0: off)")
     t.add_argument("--vocab-topk", type=int, default=1,
                    help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary; "
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     if args.train_steps is None and args.train_minutes is None:
         args.train_minutes = 30.0
     settings = TrainSettings(
-        lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, kd_weight=args.kd_weight,
+        lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, weight_decay=args.weight_decay, kd_weight=args.kd_weight,
         vocab_topk=args.vocab_topk, negatives=args.negatives, batch_vocab=args.batch_vocab, steps=args.train_steps,
         minutes=args.train_minutes, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
     )

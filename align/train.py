@@ -38,7 +38,9 @@ class TrainSettings:
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of lr
     warmup: float = 0.03  # fraction of the run spent warming up
     batch_size: int = 16
-    weight_decay: float = 0.01
+    # 0.1 rather than 0.01: the draft sees each continuation about 11 times in 35 minutes and
+    # overfits (training accuracy 0.75, held-out 0.58); with 0.1 it ended at 58.6%, against 58.0%.
+    weight_decay: float = 0.1
     kd_weight: float = 1.0
     steps: int | None = None  # a fixed number of steps, or...
     minutes: float | None = None  # ...a wall-clock budget (the schedule then follows elapsed time)
