@@ -185,4 +185,3 @@ def test_softmax_columns_keep_every_target_and_top_k_token_of_the_batch(batch_vo
         assert step_columns.numel() == vocab.numel() + 5
     again = {"targets": targets.clone(), "topk_ids": topk.clone()}
     assert torch.equal(columns.for_step(again, step=7), step_columns), "a resumed run draws the same columns"
-
