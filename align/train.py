@@ -51,7 +51,7 @@ class TrainSettings:
     negatives: int = 1024  # other tokens sampled into each step's softmax, so none can creep up unseen
     # With N > 0, each step's softmax covers only the batch's own tokens (its top-k) and N others
     # sampled from the training vocabulary, not all of it (see `SoftmaxColumns`). For SmolLM2, 2048
-    # made a 35-minute training 1.4x as many steps and reach 58.0% held-out agreement, against 54.4%
+    # gave a 35-minute training 1.5x the steps (5,263 vs 3,489) and 58.0% held-out agreement, against 54.4%
     # with the whole training vocabulary every step (same data, same budget).
     batch_vocab: int = 2048
     checkpoint_every: int = 200  # steps
