@@ -281,6 +281,7 @@ def train(
         tmp.rename(ckpt_path)  # atomic: an interruption leaves the previous checkpoint intact
         if on_checkpoint is not None:
             on_checkpoint(model, step)
+            model.train()  # the hook may evaluate, which puts the model in eval mode
 
     model.train()
     total = settings.steps if settings.steps is not None else None
