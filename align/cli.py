@@ -86,20 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--train-steps", type=int, default=None)
     t.add_argument("--train-minutes", type=float, default=None, help="budget (default when no steps: 30)")
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--warmup", type=float, default=0.03, help="fraction of the run")
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=TrainSettings.lr)
+    t.add_argument("--warmup", type=float, default=TrainSettings.warmup, help="fraction of the run")
+    t.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     t.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay)
-    t.add_argument("--kd-weight", type=float, default=1.0, help="weight of distillation on top-k log-probs (0: off)")
-    t.add_argument("--vocab-topk", type=int, default=1,
+    t.add_argument("--kd-weight", type=float, default=TrainSettings.kd_weight, help="weight of distillation on top-k log-probs (0: off)")
+    t.add_argument("--vocab-topk", type=int, default=TrainSettings.vocab_topk,
                    help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary; "
                         "1, the tokens it chose, which are also the ones bild has the draft score)")
-    t.add_argument("--negatives", type=int, default=1024, help="other tokens sampled into each step's softmax")
+    t.add_argument("--negatives", type=int, default=TrainSettings.negatives, help="other tokens sampled into each step's softmax")
     t.add_argument("--batch-vocab", type=int, default=TrainSettings.batch_vocab,
                    help="each step's softmax covers the batch's own top-k tokens and this many others from the training "
                         "vocabulary (0: all of it)")
-    t.add_argument("--checkpoint-every", type=int, default=200)
-    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
+    t.add_argument("--eval-every", type=int, default=TrainSettings.eval_every)
     t.add_argument("--no-cost", action="store_true", help="skip timing the models at the end")
     o = p.add_argument_group("on-policy stage (after training)")
     o.add_argument("--onpolicy-minutes", type=float, default=0.0,
