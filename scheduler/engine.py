@@ -1,25 +1,29 @@
-"""The asyncio-facing engine: the scheduler runs on its own thread, results come back as async streams.
+"""The asyncio-facing engine: the engine core runs in a process of its own, results come back as async streams.
 
-Model work never runs on the event loop. Submissions and cancellations cross into the engine
-thread through a lock-protected inbox; settled tokens cross back with `call_soon_threadsafe`.
+Model work never runs in the server's process (see `engine_core` for why). Submissions and
+cancellations go to the core over a pipe; a reader thread takes each iteration's settled tokens
+back and hands them to the event loops of their streams with `call_soon_threadsafe`. If the core
+process dies, every open stream ends with an error and `on_failure` is called.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, fields
 
-import torch
+from transformers import PreTrainedTokenizerBase
 
-from scheduler.model_runner import CausalLMRunner
+from scheduler.engine_core import EngineInfo, EngineSnapshot, WireOutput, run_engine_core
 from scheduler.pair import ModelPair
-from scheduler.request import FinishReason, Request, RequestStats, SamplingParams
-from scheduler.scheduler import Scheduler, SchedulerConfig, StepOutput
+from scheduler.request import FinishReason, Request, RequestStats, SamplingParams, check
+from scheduler.scheduler import SchedulerConfig, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,11 @@ class QueueFull(Exception):
 
 
 class EngineStopped(Exception):
-    """The engine is shutting down and takes no more requests."""
+    """The engine is shutting down (or has failed) and takes no more requests."""
+
+
+class EngineFailed(Exception):
+    """The engine process could not load its models, or it died."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,9 @@ class EngineConfig(SchedulerConfig):
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be 0 or more, got {self.max_waiting}")
 
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(**{f.name: getattr(self, f.name) for f in fields(SchedulerConfig)})
+
 
 class RequestStream:
     """Settled tokens of one request, as an async iterator of StepOutput; the last one has `finish`."""
@@ -49,18 +60,12 @@ class RequestStream:
         self._engine = engine
         self.request = request
         self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.finished = False
 
     @property
     def stats(self) -> RequestStats:
         return self.request.stats
-
-    def _deliver(self, output: StepOutput) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
-        except RuntimeError:
-            pass  # the consumer's event loop is closed: nobody is listening any more
 
     def cancel(self) -> None:
         if not self.finished:
@@ -77,114 +82,150 @@ class RequestStream:
             self.cancel()
 
 
+def _put_all(items: list[tuple[RequestStream, StepOutput]]) -> None:  # on the streams' event loop
+    for stream, output in items:
+        stream._queue.put_nowait(output)
+
+
 class Engine:
-    def __init__(self, pair: ModelPair, config: EngineConfig = EngineConfig()) -> None:
-        self.pair = pair
-        # The context can be no longer than the models' positions allow.
-        self.config = config = replace(config, max_seq_len=min(config.max_seq_len, pair.context_length))
-        large = CausalLMRunner(pair.large, config.max_num_seqs, config.max_seq_len)
-        small = CausalLMRunner(pair.small, config.max_num_seqs, config.max_seq_len) if pair.small is not None else None
-        self.scheduler = Scheduler(small, large, config, pair.eos_token_ids)
+    def __init__(self, load: Callable[[], ModelPair], config: EngineConfig = EngineConfig()) -> None:
+        """`load` runs in the engine process, so it must pickle: a module-level function or a partial of one."""
+        self._load = load
+        self.config = config
+        self.info: EngineInfo | None = None  # set by start()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.snapshot = EngineSnapshot(free_slots=config.max_num_seqs)
+        self.on_failure: Callable[[str], None] | None = None  # called on the reader thread
+        self.failure: str | None = None
         self._streams: dict[str, RequestStream] = {}
-        self._inbox: list[Request] = []
-        self._cancels: list[str] = []
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()  # guards _streams, _stopping and sends on the pipe
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.iterations = 0
-        self.busy_seconds = 0.0
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._reader: threading.Thread | None = None
+
+    # ---- lifecycle (blocking: call from a worker thread in async code) ----------------------
+
+    def start(self) -> None:
+        """Start the engine process and wait until its models are loaded; raises EngineFailed."""
+        context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=run_engine_core, name="bild-engine", daemon=True,
+            args=(child, self._load, self.config.scheduler_config(), logging.getLogger().getEffectiveLevel()),
+        )
+        self._process.start()
+        child.close()
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            message = ("failed", f"the engine process exited with code {self._process.exitcode}")
+        if message[0] == "failed":
+            self._process.join(5)
+            raise EngineFailed(message[1])
+        _, self.info, self.tokenizer = message
+        self._reader = threading.Thread(target=self._read, name="bild-engine-reader", daemon=True)
+        self._reader.start()
+
+    def stop(self, timeout: float = 60) -> None:
+        """End every request (running ones as CANCELLED) and stop the engine process."""
+        with self._lock:
+            self._stopping = True
+            self._send(("stop",))
+        if self._reader is not None:
+            self._reader.join(timeout)
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
 
     # ---- event-loop side ---------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="bild-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-
     def submit(self, prompt: list[int], params: SamplingParams) -> RequestStream:
-        """Queue a request (call from the event loop); raises ValueError or QueueFull."""
+        """Queue a request (call from the event loop); raises ValueError, QueueFull or EngineStopped."""
+        if self.info is None:
+            raise EngineStopped("the engine has not started")
         request = Request(uuid.uuid4().hex, list(prompt), params, arrival=time.monotonic())
-        self.scheduler.check(request)
+        check(request, self.info.limits)
         stream = RequestStream(self, request)
-        with self._wake:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
-            # Requests in the inbox may still take a free slot; only the rest count as waiting.
-            pending = len(self._inbox) + len(self.scheduler.waiting) - self.scheduler.free_slots
-            if pending >= self.config.max_waiting:
+        with self._lock:
+            if self._stopping or self.failure is not None:
+                raise EngineStopped("the server is shutting down" if self.failure is None else self.failure)
+            # Streams beyond the batch's slots are waiting (or about to take a slot that just freed).
+            if len(self._streams) - self.config.max_num_seqs >= self.config.max_waiting:
                 raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
             self._streams[request.request_id] = stream
-            self._inbox.append(request)
-            self._wake.notify()
+            self._send(("add", request))
         return stream
 
     def _cancel(self, request_id: str) -> None:
-        with self._wake:
-            self._cancels.append(request_id)
-            self._wake.notify()
+        with self._lock:
+            if request_id in self._streams and not self._stopping:
+                self._send(("cancel", request_id))
+
+    def _send(self, message: tuple) -> None:  # with self._lock held
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError):
+            pass  # the engine is gone; the reader thread reports it
+
+    @property
+    def iterations(self) -> int:
+        return self.snapshot.iterations
+
+    @property
+    def busy_seconds(self) -> float:
+        return self.snapshot.busy_seconds
 
     @property
     def forward_seconds(self) -> float:
         """Wall time in model forwards of both models (the rest of busy_seconds is scheduling)."""
-        runners = (self.scheduler.small, self.scheduler.large)
-        return sum(r.forward_seconds for r in runners if r is not None)
+        return self.snapshot.forward_seconds
 
     def load(self) -> dict[str, int]:
         """A snapshot for metrics and health: how full the engine is."""
-        return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting) + len(self._inbox),
-            "free_slots": self.scheduler.free_slots,
-            "reserved_tokens": self.scheduler.reserved_tokens,
-        }
+        s = self.snapshot
+        return {"running": s.running, "waiting": s.waiting, "free_slots": s.free_slots,
+                "reserved_tokens": s.reserved_tokens}
 
-    # ---- engine thread -----------------------------------------------------------------
+    # ---- reader thread -----------------------------------------------------------------
 
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
+    def _read(self) -> None:
         while True:
-            with self._wake:
-                while not (self._stopping or self._inbox or self._cancels or self.scheduler.has_work()):
-                    self._wake.wait()
-                if self._stopping:
-                    break
-                inbox, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, []
-            rejected = []
-            for request in inbox:
-                try:
-                    self.scheduler.add(request)
-                except ValueError:  # checked at submit already; never let it stop this thread
-                    log.exception("request %s refused by the scheduler", request.request_id)
-                    rejected.append(StepOutput(request, finish=FinishReason.ERROR))
-            for request_id in cancels:
-                self.scheduler.cancel(request_id)
-            started = time.perf_counter()
             try:
-                outputs = rejected + self.scheduler.step()
-            except Exception:
-                # A failed forward must not take the server down: end what was in the batch, go on.
-                log.exception("engine iteration failed; ending the requests in the batch")
-                outputs = rejected + self.scheduler.abort_running(FinishReason.ERROR)
-            self.iterations += 1
-            self.busy_seconds += time.perf_counter() - started
+                kind, outputs, snapshot = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            self.snapshot = snapshot
             self._deliver(outputs)
-        with self._wake:
-            inbox, self._inbox = self._inbox, []
-        stranded = [StepOutput(request, finish=FinishReason.CANCELLED) for request in inbox]
-        self._deliver(stranded + self.scheduler.abort_all(FinishReason.CANCELLED))
+        self._process.join(5)
+        with self._lock:
+            stranded = list(self._streams.values())
+            stopping = self._stopping
+            if not stopping:
+                self.failure = f"the engine process died (exit code {self._process.exitcode})"
+        if not stopping:
+            log.error("%s; ending %d open streams", self.failure, len(stranded))
+        finish = FinishReason.CANCELLED if stopping else FinishReason.ERROR
+        self._deliver([WireOutput(s.request.request_id, [], finish, None, None, s.stats) for s in stranded])
+        if not stopping and self.on_failure is not None:
+            self.on_failure(self.failure)
 
-    def _deliver(self, outputs: list[StepOutput]) -> None:
-        for output in outputs:
-            request_id = output.request.request_id
-            stream = self._streams.get(request_id)
-            if output.finish is not None:
-                self._streams.pop(request_id, None)
-            if stream is not None:
-                stream._deliver(output)
+    def _deliver(self, outputs: list[WireOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StepOutput]]] = defaultdict(list)
+        with self._lock:
+            for wire in outputs:
+                stream = self._streams.get(wire.request_id)
+                if stream is None:
+                    continue
+                if wire.finish is not None:
+                    del self._streams[wire.request_id]
+                vars(stream.request.stats).update(vars(wire.stats))  # in place: the service holds this object
+                output = StepOutput(stream.request, wire.tokens, wire.finish, wire.stop_reason, wire.logprobs)
+                by_loop[stream.loop].append((stream, output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                pass  # that event loop is closed: nobody is listening any more

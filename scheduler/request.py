@@ -115,5 +115,38 @@ class Request:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    arrival: float = 0.0
+    arrival: float = 0.0  # time.monotonic(), which every process on the machine shares
     stats: RequestStats = field(default_factory=RequestStats)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a loaded engine can take: enough to refuse a request before it reaches the engine."""
+
+    max_seq_len: int  # prompt + generation
+    max_num_tokens: int  # tokens all running sequences may reserve together
+    vocab_limit: int  # token ids must be below this
+    has_small: bool
+
+
+def check(request: Request, limits: Limits) -> None:
+    """Raise ValueError, with a message for the person who sent it, if the request can never run."""
+    params = request.params
+    params.validate()
+    if params.mode in (Mode.BILD, Mode.EXACT, Mode.SMALL) and not limits.has_small:
+        raise ValueError(f"mode {params.mode.value} needs a small model, and none is loaded")
+    if not request.prompt:
+        raise ValueError("the prompt is empty")
+    total = len(request.prompt) + params.max_new_tokens
+    if total > limits.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+            f"exceeds the context length of {limits.max_seq_len} tokens"
+        )
+    if total > limits.max_num_tokens:
+        raise ValueError(
+            f"prompt + max_new_tokens = {total} tokens exceeds the server's token budget of {limits.max_num_tokens}"
+        )
+    tokens = request.prompt + list(params.stop_token_ids)
+    if max(tokens) >= limits.vocab_limit or min(tokens) < 0:
+        raise ValueError(f"token ids (prompt and stop_token_ids) must be within [0, {limits.vocab_limit})")

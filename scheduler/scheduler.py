@@ -31,7 +31,7 @@ import torch
 from scheduler.logprobs import TokenLogprob, token_logprobs
 from scheduler.model_runner import CausalLMRunner, ForwardItem
 from scheduler.policy import Draft, Verdict, VerifyRow, drafts, verify
-from scheduler.request import FinishReason, Mode, Request, SamplingParams
+from scheduler.request import FinishReason, Limits, Mode, Request, SamplingParams, check
 from scheduler.sampling import DRAFT, TARGET, pick, process, verify_processed
 
 DRAFTING_MODES = (Mode.BILD, Mode.EXACT, Mode.SMALL)
@@ -143,31 +143,12 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------
 
-    def check(self, request: Request) -> None:
-        """Raise ValueError if the request can never run here."""
-        params = request.params
-        params.validate()
-        if params.mode in DRAFTING_MODES and self.small is None:
-            raise ValueError(f"mode {params.mode.value} needs a small model, and none is loaded")
-        if not request.prompt:
-            raise ValueError("the prompt is empty")
-        total = len(request.prompt) + params.max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(request.prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
-                f"exceeds the context length of {self.config.max_seq_len} tokens"
-            )
-        if total > self.config.max_num_tokens:
-            raise ValueError(
-                f"prompt + max_new_tokens = {total} tokens exceeds the server's token budget "
-                f"of {self.config.max_num_tokens}"
-            )
-        tokens = request.prompt + list(params.stop_token_ids)
-        if max(tokens) >= self.large.vocab_limit or min(tokens) < 0:
-            raise ValueError(f"token ids (prompt and stop_token_ids) must be within [0, {self.large.vocab_limit})")
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.config.max_seq_len, self.config.max_num_tokens, self.large.vocab_limit, self.small is not None)
 
     def add(self, request: Request) -> None:
-        self.check(request)
+        check(request, self.limits)
         self.waiting.append(request)
 
     def cancel(self, request_id: str) -> None:

@@ -46,12 +46,14 @@ class ServerHandle:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def start_engine(self, load_pair: Callable[[], ModelPair], engine_config: EngineConfig) -> None:
-        """Load the models off the event loop, start the engine, report SERVING."""
-        pair = await asyncio.to_thread(load_pair)
-        self.engine = Engine(pair, engine_config)
-        self.engine.start()
-        self.service.attach(self.engine, pair.tokenizer)
+    async def start_engine(self, load_pair: Callable[[], ModelPair], engine_config: EngineConfig,
+                           on_failure: Callable[[str], None] | None = None) -> None:
+        """Start the engine process (it loads the models), attach it, report SERVING."""
+        engine = Engine(load_pair, engine_config)
+        engine.on_failure = on_failure
+        await asyncio.to_thread(engine.start)
+        self.engine = engine
+        self.service.attach(engine, engine.tokenizer)
         await self.set_serving(True)
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
 
@@ -100,22 +102,36 @@ async def serve(
     load_pair: Callable[[], ModelPair],
     grace: float,
     metrics_port: int | None = None,
-) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain; return the process's exit code.
+
+    If the engine process dies, health turns NOT_SERVING, its streams have already ended with an
+    error, and the exit code is 1, so that a supervisor restarts the server.
+    """
     handle = await create_server(host, port, service_config, metrics_port)
     log.info("listening on %s:%d; loading models", host, handle.port)
     stop = asyncio.Event()
+    failed: list[str] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loader = asyncio.create_task(handle.start_engine(load_pair, engine_config))
+
+    def on_failure(message: str) -> None:  # on the engine's reader thread
+        failed.append(message)
+        loop.call_soon_threadsafe(stop.set)
+
+    loader = asyncio.create_task(handle.start_engine(load_pair, engine_config, on_failure))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([loader, stopped], return_when=asyncio.FIRST_COMPLETED)
     if loader.done() and loader.exception() is not None:
         await handle.server.stop(0)
         raise loader.exception()
     await stopped
-    log.info("signal received: draining for up to %.0fs", grace)
+    if failed:
+        log.error("%s: draining and exiting with code 1", failed[0])
+    else:
+        log.info("signal received: draining for up to %.0fs", grace)
     loader.cancel()
     await handle.drain(grace)
     log.info("stopped")
+    return 1 if failed else 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 
 import uvloop
 
-from scheduler.engine import EngineConfig
+from scheduler.engine import EngineConfig, EngineFailed
 from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, SMOLLM2_ALIAS
 from scheduler.pair import load_pair
 from scheduler.request import (
@@ -101,11 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
     )
 
-    def load():
-        return load_pair(args.large, small, args.device, args.dtype)
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace, args.metrics_port))
+    load = functools.partial(load_pair, args.large, small, args.device, args.dtype)  # runs in the engine process
+    try:
+        code = uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace, args.metrics_port))
+    except EngineFailed as error:
+        raise SystemExit(f"bild-server: {error}") from None
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         tokenizer = self.tokenizer
         if request.prompt and request.messages:
             raise InvalidRequest("give either prompt or messages, not both")
-        max_chars = self.engine.config.max_seq_len * MAX_CHARS_PER_TOKEN
+        max_chars = self.engine.info.limits.max_seq_len * MAX_CHARS_PER_TOKEN
         if request.messages:
             for i, message in enumerate(request.messages):
                 if message.role not in CHAT_ROLES:
@@ -199,7 +199,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             prompt = await asyncio.to_thread(self._prompt_ids, request)
             if not request.max_new_tokens:
                 # The server's default never asks for more than the context has room for.
-                room = self.engine.config.max_seq_len - len(prompt)
+                room = self.engine.info.limits.max_seq_len - len(prompt)
                 params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
             stream = self.engine.submit(prompt, params)
         except ValueError as error:  # InvalidRequest, and the engine's own checks
@@ -214,10 +214,12 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         # aclosing: if this handler is cancelled, the engine request is cancelled now, not at GC time.
         async with contextlib.aclosing(stream.__aiter__()) as outputs:
             async for output in outputs:
-                if output.finish in (FinishReason.ERROR, FinishReason.CANCELLED):
-                    # Only the server ends a request this way (a failed forward, or shutting down).
-                    code = grpc.StatusCode.INTERNAL if output.finish is FinishReason.ERROR else grpc.StatusCode.UNAVAILABLE
-                    await self._abort(context, record, code, f"generation ended by the server ({output.finish.value})")
+                if output.finish is FinishReason.ERROR:  # a failed forward, or the engine died
+                    reason = self.engine.failure or "a model forward failed in this request's batch (see the server log)"
+                    await self._abort(context, record, grpc.StatusCode.INTERNAL, f"generation failed: {reason}")
+                if output.finish is FinishReason.CANCELLED:  # only the server cancels this way: shutting down
+                    await self._abort(context, record, grpc.StatusCode.UNAVAILABLE,
+                                      "generation ended by the server: it is shutting down; retry on another replica")
                 response = builder.build(output, stream.stats, time.monotonic() - started)
                 if response is not None:
                     yield response
@@ -241,8 +243,8 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             small_model=config.small_name,
             dtype=config.dtype,
             device=config.device,
-            vocab_size=engine.scheduler.large.vocab_limit,
-            context_length=engine.config.max_seq_len,
+            vocab_size=engine.info.limits.vocab_limit,
+            context_length=engine.info.limits.max_seq_len,
             max_new_tokens_limit=config.max_new_tokens_limit,
             default_max_new_tokens=config.default_max_new_tokens,
             default_mode=MODE_ENUMS[config.default_mode],

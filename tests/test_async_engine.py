@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import pytest
@@ -14,7 +15,8 @@ from scheduler.request import FinishReason, Mode, SamplingParams
 
 @pytest.fixture(scope="module")
 def pair(tiny_dirs):
-    return load_pair(tiny_dirs["large"], tiny_dirs["draft"])
+    """The engine process loads the pair itself: this is how."""
+    return functools.partial(load_pair, tiny_dirs["large"], tiny_dirs["draft"])
 
 
 def with_engine(pair, coro_fn, **config):
