@@ -102,10 +102,10 @@ def ms_per_token(model: PreTrainedModel, prompt: list[int], new_tokens: int = 32
 
 def runner_ms_per_token(runner: CausalLMRunner, prompt: list[int], new_tokens: int = 32) -> float:
     """Milliseconds per decode step at batch 1 in bild's runner (prefill excluded)."""
-    token = int(runner.forward([ForwardItem(0, 0, prompt)], all_logits=False)[0, -1].argmax())
+    token = int(runner.next_token_logits([ForwardItem(0, 0, prompt)])[0].argmax())
     t0 = time.perf_counter()
     for i in range(new_tokens):
-        token = int(runner.forward([ForwardItem(0, len(prompt) + i, [token])], all_logits=False)[0, -1].argmax())
+        token = int(runner.next_token_logits([ForwardItem(0, len(prompt) + i, [token])])[0].argmax())
     return (time.perf_counter() - t0) * 1000 / new_tokens
 
 

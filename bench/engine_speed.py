@@ -58,8 +58,7 @@ def main() -> None:
     ap.add_argument("--rollback-threshold", type=float, default=None)
     ap.add_argument("--max-small-tokens", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=1, help="run the modes this many times in turn; report medians")
-    ap.add_argument("--draft-batch-limit", type=int, default=0, help="as the server's flag (engine default: 0, always draft)")
-    ap.add_argument("--verify-together", action="store_true", help="as the server's flag")
+    ap.add_argument("--batch-independent", action="store_true", help="as the server's flag")
     args = ap.parse_args()
 
     pair = load_pair(args.large, args.small, args.device, args.dtype)
@@ -71,14 +70,13 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core {platform.machine()} CPU"
     print(f"large={args.large} small={args.small} device={device} dtype={args.dtype} torch={torch.__version__} "
           f"prompts={len(prompts)}{' held-out' if args.heldout else ''} max_new_tokens={args.max_new_tokens} "
-          f"rounds={args.rounds} draft_batch_limit={args.draft_batch_limit} verify_together={args.verify_together} "
+          f"rounds={args.rounds} batch_independent={args.batch_independent} "
           f"{overrides or ''}\n")
     print("| batch | mode | tokens/s | speed-up vs large | same tokens as large | small-token share | large calls / token |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         runners = (CausalLMRunner(pair.small, batch, max_len), CausalLMRunner(pair.large, batch, max_len))
-        config = SchedulerConfig(max_num_seqs=batch, max_num_tokens=batch * max_len, max_seq_len=max_len,
-                                 draft_batch_limit=args.draft_batch_limit, verify_together=args.verify_together)
+        config = SchedulerConfig(max_num_seqs=batch, max_num_tokens=batch * max_len, max_seq_len=max_len)
         scheduler = Scheduler(*runners, config, pair.eos_token_ids)
         generate(scheduler, prompts[:batch], SamplingParams(mode=Mode.LARGE, max_new_tokens=4))  # warm-up
         rates: dict[Mode, list[float]] = {mode: [] for mode in MODES}
@@ -87,7 +85,8 @@ def main() -> None:
         for _ in range(args.rounds):
             baseline = None
             for mode in MODES:
-                params = SamplingParams(mode=mode, max_new_tokens=args.max_new_tokens, **overrides)
+                params = SamplingParams(mode=mode, max_new_tokens=args.max_new_tokens,
+                                        batch_independent=args.batch_independent, **overrides)
                 outputs, requests, seconds = generate(scheduler, prompts, params)
                 tokens = sum(map(len, outputs))
                 rate = tokens / seconds

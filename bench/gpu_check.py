@@ -92,16 +92,16 @@ def forward_costs(device, dtype, large, small, batches, ctx=256):
     for name, model in (("large", large), ("small", small)):
         for b in batches:
             runner = CausalLMRunner(model, b, ctx + 64)
-            runner.forward([ForwardItem(i, 0, [5] * ctx) for i in range(b)], all_logits=False)
+            runner.next_token_logits([ForwardItem(i, 0, [5] * ctx) for i in range(b)])
             for q in (1, 4, 11) if name == "large" else (1,):
                 items = [ForwardItem(i, ctx, [7] * q) for i in range(b)]
                 for _ in range(3):
-                    runner.forward(items, all_logits=True)
+                    runner.token_logits(items)
                 sync(device)
                 t = time.perf_counter()
                 n = 10
                 for _ in range(n):
-                    runner.forward(items, all_logits=True)
+                    runner.token_logits(items)
                 sync(device)
                 print(f"| {name} | {b} | {q} | {(time.perf_counter() - t) / n * 1e3:.2f} |", flush=True)
 

@@ -21,44 +21,55 @@ anyone else calling the same model, such as a benchmark's transformers baseline,
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-MAX_ROWS = 64  # measured up to 32 rows; larger products (prefill) keep the stock kernel
-# The one-row copy of the output head doubles its memory: 113 MB for SmolLM2, but 0.5-1 GB for a
-# 7B model's head, where the head is a small part of a step anyway. Bigger heads go without it.
-TRANSPOSED_COPY_MAX_BYTES = 256 << 20
+MAX_ROWS = 256  # W @ x^T beats F.linear up to here (measured up to 256); prefill chunks keep the stock kernel
 _state = threading.local()
+
+
+def product(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """flat @ weight.T for a few rows, arranged for the kernels that run it fastest here.
+
+    The result is made contiguous: a transposed view would hand every later product of the layer
+    its input in the layout the slow kernels take (2 new tokens: 42 ms a forward instead of 32).
+    """
+    if flat.shape[0] == 1:  # one row as two: a GEMM streams the weights ~2.5x faster than a GEMV
+        return (weight @ torch.cat([flat, flat]).T)[:, :1].T.contiguous()
+    return (weight @ flat.T).T.contiguous()
 
 
 class CpuLinear(nn.Module):
     """A float32 CPU `nn.Linear` with the arrangements above; the same parameters, not copies."""
 
-    def __init__(self, linear: nn.Linear, transposed_copy: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, is_head: bool = False) -> None:
         super().__init__()
         self.weight = linear.weight  # shared: tied embeddings stay tied, state_dict keys unchanged
         self.bias = linear.bias
-        # A snapshot for one-row products: only inference uses it, so the weights do not change.
-        self.weight_t = linear.weight.detach().t().contiguous() if transposed_copy else None
+        self.is_head = is_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not is_active() or rows > MAX_ROWS or (rows == 1 and self.weight_t is None):
+        if not is_active():
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1])
-        out = flat @ self.weight_t if rows == 1 else (self.weight @ flat.T).T
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return packed(x, self._product, self.is_head)
+
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        if flat.shape[0] > MAX_ROWS:
+            return F.linear(flat, self.weight, self.bias)
+        out = product(self.weight, flat)
+        return out if self.bias is None else out + self.bias
 
 
-def install(model: nn.Module) -> None:
-    """Replace the float32 CPU linear layers of `model` in place (idempotent)."""
+def install(model: nn.Module) -> int:
+    """Replace the float32 CPU linear layers of `model` in place (idempotent); return how many are CpuLinear."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [
         (parent, name, child)
@@ -67,8 +78,8 @@ def install(model: nn.Module) -> None:
         if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32
     ]
     for parent, name, child in targets:
-        copy = child is head and child.weight.numel() * child.weight.element_size() <= TRANSPOSED_COPY_MAX_BYTES
-        setattr(parent, name, CpuLinear(child, transposed_copy=copy))
+        setattr(parent, name, CpuLinear(child, is_head=child is head))
+    return sum(isinstance(m, CpuLinear) for m in model.modules())
 
 
 def is_active() -> bool:
@@ -76,12 +87,46 @@ def is_active() -> bool:
     return getattr(_state, "active", False)
 
 
+def packed(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], is_head: bool = False) -> torch.Tensor:
+    """`product` over the rows of x that hold tokens (all of them unless the forward is packed).
+
+    A batched forward pads every sequence to the widest one; the padding's outputs are never read,
+    so its rows are left out of the product and come back as zeros. An output head returns only
+    the token rows, as [1, tokens, V] (the runner asked for that; it saves writing padded logits).
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    index = getattr(_state, "token_rows", None)
+    if index is None or flat.shape[0] != _state.all_rows:
+        return product(flat).reshape(*lead, -1)
+    out = product(flat.index_select(0, index))
+    if is_head:
+        return out[None]
+    full = out.new_zeros(flat.shape[0], out.shape[-1])
+    full.index_copy_(0, index, out)
+    return full.reshape(*lead, -1)
+
+
 @contextmanager
-def active() -> Iterator[None]:
-    """Use the arrangements in CpuLinear layers called from this thread inside the block."""
-    previous = getattr(_state, "active", False)
-    _state.active = True
+def active(token_rows: torch.Tensor | None = None, all_rows: int = 0) -> Iterator[None]:
+    """Use the arrangements in CpuLinear layers called from this thread inside the block.
+
+    With `token_rows`, products over `all_rows` rows (a padded [B, Q] batch, flattened) compute
+    only those rows, and the output head returns only those.
+    """
+    previous = (getattr(_state, "active", False), getattr(_state, "token_rows", None), getattr(_state, "all_rows", 0))
+    _state.active, _state.token_rows, _state.all_rows = True, token_rows, all_rows
     try:
         yield
     finally:
-        _state.active = previous
+        _state.active, _state.token_rows, _state.all_rows = previous
+
+
+def machine_key() -> str:
+    """What kernel timings depend on besides shapes: the CPU, the threads, the torch build."""
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    text = f"{cpu}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -43,6 +43,7 @@ class EngineFailed(Exception):
 @dataclass(frozen=True)
 class EngineConfig(SchedulerConfig):
     max_waiting: int = 256  # queued requests beyond the running batch; more are refused
+    cost_profile: str = ""  # a JSON file of forward costs to plan with; empty: measure them (cached)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,7 +112,8 @@ class Engine:
         self._conn, child = context.Pipe()
         self._process = context.Process(
             target=run_engine_core, name="bild-engine", daemon=True,
-            args=(child, self._load, self.config.scheduler_config(), logging.getLogger().getEffectiveLevel()),
+            args=(child, self._load, self.config.scheduler_config(), self.config.cost_profile,
+                  logging.getLogger().getEffectiveLevel()),
         )
         self._process.start()
         child.close()

@@ -24,9 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 
+from scheduler import profile
 from scheduler.logprobs import TokenLogprob
 from scheduler.model_runner import CausalLMRunner
 from scheduler.pair import ModelPair
@@ -70,12 +72,14 @@ class WireOutput:
     stats: RequestStats
 
 
-def build_scheduler(pair: ModelPair, config: SchedulerConfig) -> Scheduler:
+def build_scheduler(pair: ModelPair, config: SchedulerConfig, cost_profile: str = "") -> Scheduler:
+    """`cost_profile`: a JSON file of forward costs to plan with (see `profile.load`) instead of measuring."""
     # The context can be no longer than the models' positions allow.
     config = replace(config, max_seq_len=min(config.max_seq_len, pair.context_length))
     large = CausalLMRunner(pair.large, config.max_num_seqs, config.max_seq_len)
     small = CausalLMRunner(pair.small, config.max_num_seqs, config.max_seq_len) if pair.small is not None else None
-    return Scheduler(small, large, config, pair.eos_token_ids)
+    costs = profile.load(Path(cost_profile)) if cost_profile and small is not None else None
+    return Scheduler(small, large, config, pair.eos_token_ids, costs)
 
 
 class _Inbox:
@@ -108,8 +112,8 @@ class _Inbox:
 
 
 class EngineCore:
-    def __init__(self, pair: ModelPair, config: SchedulerConfig) -> None:
-        self.scheduler = build_scheduler(pair, config)
+    def __init__(self, pair: ModelPair, config: SchedulerConfig, cost_profile: str = "") -> None:
+        self.scheduler = build_scheduler(pair, config, cost_profile)
         self.iterations = 0
         self.busy_seconds = 0.0
 
@@ -169,7 +173,9 @@ class EngineCore:
                 last_sent = load
 
 
-def run_engine_core(conn: Connection, load: Callable[[], ModelPair], config: SchedulerConfig, log_level: int) -> None:
+def run_engine_core(
+    conn: Connection, load: Callable[[], ModelPair], config: SchedulerConfig, cost_profile: str, log_level: int
+) -> None:
     """The engine process's entry point."""
     # The server process handles signals and tells the core when to stop: a Ctrl-C that reaches the
     # whole process group, or a service manager that signals every process, must not cut the
@@ -180,7 +186,7 @@ def run_engine_core(conn: Connection, load: Callable[[], ModelPair], config: Sch
     torch.set_grad_enabled(False)
     try:
         pair = load()
-        core = EngineCore(pair, config)
+        core = EngineCore(pair, config, cost_profile)
     except Exception as error:
         log.exception("loading the models failed")
         conn.send(("failed", f"{type(error).__name__}: {error}"))

@@ -54,23 +54,25 @@ class SubsetHead(nn.Module):
         self.bias = head.bias
         self.vocab_size = vocab
         self.register_buffer("token_ids", torch.tensor(token_ids, device=head.weight.device), persistent=False)
-        # A snapshot laid out for few-row products (inference only, so the weights do not change);
+        # A snapshot of the rows it scores (inference only, so the weights do not change);
         # buffers, so that moving the model moves them, but not saved with it.
         with torch.no_grad():
-            self.register_buffer("weight_t", head.weight[self.token_ids].t().contiguous(), persistent=False)
+            self.register_buffer("weight_sub", head.weight[self.token_ids].contiguous(), persistent=False)
             bias = None if head.bias is None else head.bias[self.token_ids].clone()
             self.register_buffer("bias_sub", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not cpu_linear.is_active():
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        scores = flat @ self.weight_t
+        return cpu_linear.packed(x, self._scores, is_head=True)
+
+    def _scores(self, flat: torch.Tensor) -> torch.Tensor:
+        scores = cpu_linear.product(self.weight_sub, flat)
         if self.bias_sub is not None:
             scores = scores + self.bias_sub
         out = flat.new_full((flat.shape[0], self.vocab_size), torch.finfo(flat.dtype).min)
         out[:, self.token_ids] = scores
-        return out.reshape(*x.shape[:-1], self.vocab_size)
+        return out
 
 
 def install(model: nn.Module, token_ids: list[int]) -> None:

@@ -54,6 +54,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Draft and check by BiLD's per-sequence rules only, so that the output does not depend on which
+    # requests share the batch (greedy exact output never does). Off: the load-adaptive plan may
+    # check drafts earlier, or not draft, where that settles more tokens per second.
+    batch_independent: bool = False
 
     @property
     def sampling(self) -> bool:

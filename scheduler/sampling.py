@@ -18,12 +18,9 @@ Mode guarantees, with sampling:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from scheduler.policy import Verdict
-from scheduler.request import Mode, SamplingParams
+from scheduler.request import SamplingParams
 
 DRAFT, ACCEPT, RESAMPLE, TARGET = 1, 2, 3, 4  # purposes: independent streams of uniforms
 _MASK64 = (1 << 64) - 1
@@ -97,35 +94,3 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int, seed: int, 
     if float(residual.sum()) <= 0.0:  # p == q up to rounding: any draw from p is right
         residual = p
     return draw(residual, uniform(seed, position, RESAMPLE))
-
-
-def verify_processed(
-    logits: torch.Tensor,
-    drafts: list[int],
-    contexts: list[list[int]],
-    params: SamplingParams,
-    seed: int,
-    first_position: int,
-    draft_q: list[torch.Tensor],
-) -> Verdict:
-    """The rollback policy for one sequence whose rule is not a plain argmax (sampling, penalties).
-
-    `logits` [k+1, V]: row i predicts drafts[i] (the last row the token after them), with contexts[i]
-    the tokens before that position. `draft_q` holds q for each draft (exact mode with sampling).
-    """
-    p = process(logits, params, contexts)
-    for i, token in enumerate(drafts):
-        position = first_position + i
-        if params.mode is Mode.EXACT and params.sampling:
-            replacement = accept_or_resample(p[i], draft_q[i], token, seed, position)
-        else:
-            best = int(p[i].argmax())
-            if params.mode is Mode.EXACT:
-                bad = token != best
-            else:  # bild: too unlikely under the large model's (processed) distribution
-                bad = float(p[i, token]) < math.exp(-params.rollback_threshold) and (params.sampling or token != best)
-            replacement = pick(p[i], params, seed, position, TARGET) if bad else None
-        if replacement is not None:
-            return Verdict(i, replacement, True)
-    k = len(drafts)
-    return Verdict(k, pick(p[k], params, seed, first_position + k, TARGET), False)

@@ -4,19 +4,22 @@ Each call to `step()` is one iteration:
   1. admit waiting requests in arrival order while slots and the token budget allow, and prefill
      up to `max_prefill_tokens` prompt tokens (chunks of long prompts wait for later iterations);
      the large model's prefill already predicts the first token, so it is settled at once;
-  2. one batched small-model forward over every sequence that drafts (modes bild, exact, small);
-     the fallback policy discards unconfident drafts and sends those sequences to the large model,
-     as do sequences that reached `max_small_tokens` drafts, EOS or their length limit;
-  3. one batched large-model forward over every sequence sent to it (each with its own number of
-     unverified tokens) and every `large`-mode sequence; the rollback policy cuts each draft at
-     its first bad token and the large model's token goes there, or after the draft if all stand;
-  4. settled tokens are handed out; finished sequences free their slot.
+  2. the policy plans the iteration (`policy.plan`): which sequences draft one more token, and
+     whether the large model now checks every sequence that waits for it;
+  3. draft: one batched small-model forward; the fallback rule discards unconfident drafts, and
+     those sequences, like sequences at `max_small_tokens` drafts, EOS or their length limit, wait
+     for the large model;
+  4. verify: one batched large-model forward over the waiting sequences (each with its own number
+     of unchecked tokens) and every `large`-mode sequence; the rollback rule cuts each draft at
+     its first bad token and the large model's token goes there, or after the drafts if all stand;
+  5. settled tokens are handed out; finished sequences free their slot.
 
 Bookkeeping per sequence, with `context` = prompt + generated tokens (drafts included):
   settled        context[:settled] passed the large model (or needs no check: `small` mode);
   large_cached   the large model's cache holds context[:large_cached]; always settled - 1 after a
                  large forward, since its newest token is predicted but not yet fed;
-  small_cached   the same for the small model; a rollback lowers it, nothing is recomputed.
+  small_cached   the same for the small model; a rollback lowers it, nothing is recomputed, and
+                 after rounds without drafts the small model catches up in its next step.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ import torch
 
 from scheduler.logprobs import TokenLogprob, token_logprobs
 from scheduler.model_runner import CausalLMRunner, ForwardItem
-from scheduler.policy import Draft, Verdict, VerifyRow, drafts, verify
+from scheduler import policy
+from scheduler.policy import AcceptanceStats, CostModel, Draft, Kind, RowState, Verdict, VerifyRow
 from scheduler.request import FinishReason, Limits, Mode, Request, SamplingParams, check
-from scheduler.sampling import DRAFT, TARGET, pick, process, verify_processed
+from scheduler.sampling import DRAFT, TARGET, pick, process
 
 DRAFTING_MODES = (Mode.BILD, Mode.EXACT, Mode.SMALL)
-VERIFIED_MODES = (Mode.BILD, Mode.EXACT)
 
 
 @dataclass(frozen=True)
@@ -46,21 +49,10 @@ class SchedulerConfig:
     # Prompt tokens prefilled per iteration: a long prompt is fed in chunks across iterations, so it
     # delays the other streams by one chunk's forward at a time rather than by its whole prefill.
     max_prefill_tokens: int = 512
-    # Also check bild-mode and sampled drafts in every large forward that runs anyway: fewer large
-    # forwards under load, but such a request's output then depends on which others share its
-    # batch. Greedy exact-mode requests always join, since their output cannot change.
-    verify_together: bool = False
-    # Greedy exact-mode requests stop drafting while more than this many sequences decode (0: no
-    # limit): a large batch makes each large forward dearer and drafts pay less, and their output
-    # is the large model's either way. With verify_together, bild-mode and sampled requests too.
-    draft_batch_limit: int = 0
-
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_tokens", "max_seq_len", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.draft_batch_limit < 0:
-            raise ValueError(f"draft_batch_limit must be 0 or more, got {self.draft_batch_limit}")
 
 
 @dataclass(eq=False)  # compared by identity
@@ -79,6 +71,9 @@ class Sequence:
     seed: int = 0
     end_tokens: frozenset[int] = frozenset()  # EOS (unless ignored) and the request's stop tokens
     draft_q: list[torch.Tensor] = field(default_factory=list)  # q of each draft, for speculative sampling
+    draft_confidence: list[float] = field(default_factory=list)  # the small model's top probability at each draft
+    blocked: bool = False  # it fell back (or reached a cap): no more drafts until the large model checks them
+    last_confidence: float | None = None  # of the small model's latest proposal
     large_chosen: set[int] = field(default_factory=set)  # context positions whose token the large model chose
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # by context position
 
@@ -99,10 +94,17 @@ class Sequence:
         return len(self.context) - self.settled
 
     @property
-    def output_is_fixed(self) -> bool:
-        """Greedy exact mode: the output is the large model's greedy whenever and however drafts are
-        checked, so the scheduler may check them at any iteration, or not draft at all."""
-        return self.mode is Mode.EXACT and not self.params.sampling
+    def rule(self) -> str:
+        """Which acceptance statistics its drafts feed: drafts stand differently under each rule."""
+        return self.mode.value + ("-sampled" if self.params.sampling else "")
+
+    @property
+    def independent(self) -> bool:
+        """Its output must not depend on the batch: it drafts and is checked by BiLD's own rules only.
+
+        Greedy exact output is the large model's however drafts are checked, so it never needs this.
+        """
+        return self.params.batch_independent and not (self.mode is Mode.EXACT and not self.params.sampling)
 
 
 @dataclass
@@ -123,9 +125,20 @@ class Scheduler:
         large: CausalLMRunner,
         config: SchedulerConfig,
         eos_token_ids: set[int],
+        costs: CostModel | None = None,
     ) -> None:
+        """`costs` defaults to the pair's measured cost model (see `profile`)."""
         self.small = small
         self.large = large
+        if small is not None and costs is None:
+            from scheduler.profile import cost_model  # it measures with runners: not needed without a draft
+
+            costs = cost_model(small, large, config.max_num_seqs)
+        self.costs = costs
+        if costs is not None:
+            large.run_as, small.run_as = costs.large_table.run_as(), costs.small_table.run_as()
+        self.acceptance = AcceptanceStats()
+        self._round_seconds = 0.0  # small steps since the last large forward
         if small is not None:
             # Pairs such as Qwen2.5 0.5B/7B pad their output layers differently; both models score
             # the tokens they share, and the padding ids (no tokenizer entry) are never produced.
@@ -173,7 +186,10 @@ class Scheduler:
         self._admit()
         decoding = [s for s in self.running.values() if s.prefilled == s.prompt_len]
         self._prefill([s for s in self.running.values() if s.prefilled < s.prompt_len])
-        self._draft_and_verify(decoding)
+        if decoding:
+            plan = policy.plan([self._row_state(s) for s in decoding], self.costs, self._round_seconds)
+            self._draft([decoding[i] for i in plan.draft])
+            self._verify([decoding[i] for i in plan.verify])
         now = time.monotonic()
         for seq in list(self.running.values()):
             out = self._settle(seq, now)
@@ -245,7 +261,7 @@ class Scheduler:
         small = [(s, item) for s, item in chunks if s.mode in DRAFTING_MODES]
         large = [(s, item) for s, item in chunks if s.mode is not Mode.SMALL]
         if small:
-            logits = self.small.start([item for _, item in small])
+            logits = self.small.next_token_logits([item for _, item in small])
             for (seq, item), row in zip(small, logits):
                 seq.small_cached = item.start + len(item.tokens)
                 seq.request.stats.small_forward_steps += 1
@@ -253,7 +269,7 @@ class Scheduler:
                     self._append_first(seq, row, DRAFT)
         if large:
             # The large model must read the prompt anyway; its prediction is the first token.
-            logits = self.large.start([item for _, item in large])
+            logits = self.large.next_token_logits([item for _, item in large])
             for (seq, item), row in zip(large, logits):
                 seq.large_cached = item.start + len(item.tokens)
                 seq.request.stats.large_forward_calls += 1
@@ -274,56 +290,78 @@ class Scheduler:
             seq.large_chosen.add(len(seq.context))
         seq.context.append(token)
 
-    def _draft_and_verify(self, seqs: list[Sequence]) -> None:
-        busy = 0 < self.config.draft_batch_limit < len(seqs)
+    def _row_state(self, seq: Sequence) -> RowState:
+        if seq.mode is Mode.LARGE:
+            return RowState(Kind.LARGE)
+        if seq.mode is Mode.SMALL:
+            return RowState(Kind.SMALL)
+        stands = self.acceptance.stands
+        passes, stands_next = (0.0, 0.0) if seq.blocked else self.acceptance.next_draft(
+            seq.rule, seq.params.fallback_threshold, seq.last_confidence)
+        return RowState(
+            Kind.DRAFTS,
+            pending=tuple(stands(seq.rule, c) for c in seq.draft_confidence),
+            can_draft=not seq.blocked,
+            next_passes=passes,
+            next_stands=stands_next,
+            catch_up=len(seq.context) - 1 - seq.small_cached,
+            independent=seq.independent,
+        )
 
-        def large_only(s: Sequence) -> bool:  # this iteration: no draft, the large model's next token
-            may_skip = s.output_is_fixed or (self.config.verify_together and s.mode is not Mode.SMALL)
-            return s.mode is Mode.LARGE or (busy and may_skip)
+    def _draft(self, seqs: list[Sequence]) -> None:
+        """One small-model step for each sequence; the fallback rule decides which drafts stay."""
+        if not seqs:
+            return
+        items = [ForwardItem(s.slot, s.small_cached, s.context[s.small_cached :]) for s in seqs]
+        before = self.small.forward_seconds
+        logits = self.small.next_token_logits(items)
+        proposals = policy.drafts(logits)  # greedy drafts of the whole batch at once
+        seconds = self.small.forward_seconds - before
+        self._round_seconds += seconds
+        self.costs.observed("small", len(items), sum(len(i.tokens) for i in items), seconds)
+        for b, seq in enumerate(seqs):
+            if seq.params.processes_logits or (seq.mode is Mode.SMALL and seq.params.logprobs):
+                proposals[b] = self._processed_draft(seq, logits[b])
+            self._take_draft(seq, proposals[b])
 
-        drafting = [s for s in seqs if s.mode in DRAFTING_MODES and not large_only(s)]
-        to_large = [s for s in seqs if large_only(s)]
-        if drafting:
-            items = [ForwardItem(s.slot, s.small_cached, s.context[s.small_cached :]) for s in drafting]
-            logits = self.small.forward(items, all_logits=False)[:, -1]
-            proposals = drafts(logits)  # greedy drafts of the whole batch at once
-            for b, seq in enumerate(drafting):
-                if seq.params.processes_logits or (seq.mode is Mode.SMALL and seq.params.logprobs):
-                    proposals[b] = self._processed_draft(seq, logits[b])
-                if self._take_draft(seq, proposals[b]):
-                    to_large.append(seq)
-        if to_large:
-            # Sequences with pending drafts join the large forward that runs anyway: a few more
-            # columns now instead of a forward of their own at a later iteration. Greedy exact-mode
-            # output is the large model's wherever drafts are checked, so those always join; the
-            # others would then depend on the batch they share, so only when configured.
-            to_large += [s for s in drafting if s.mode is not Mode.SMALL and s.drafted
-                         and (self.config.verify_together or s.output_is_fixed)
-                         and s not in to_large]
-            # With large_cached = settled - 1, each sequence feeds its newest settled token and then
-            # its drafts; large-mode sequences feed just their newest token.
-            items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in to_large]
-            logits = self.large.forward(items, all_logits=True)
-            # Plain-argmax rows share one batched policy call; the others get their own rule below.
-            greedy = [b for b, s in enumerate(to_large) if not s.params.processes_logits]
-            verdicts: list[Verdict | None] = [None] * len(to_large)
-            if greedy:
-                rows = [VerifyRow(items[b].tokens, to_large[b].mode, to_large[b].params.rollback_threshold) for b in greedy]
-                for b, verdict in zip(greedy, verify(logits if len(greedy) == len(to_large) else logits[greedy], rows)):
-                    verdicts[b] = verdict
-            width = logits.shape[1]
-            for b, (seq, item) in enumerate(zip(to_large, items)):
-                own = logits[b, width - len(item.tokens) :]  # this row's columns, without left padding
-                if verdicts[b] is None:
-                    contexts = [seq.context[: seq.settled + i] for i in range(len(item.tokens))]
-                    verdicts[b] = verify_processed(
-                        own, item.tokens[1:], contexts, seq.params, seq.seed, seq.settled, seq.draft_q
-                    )
-                if seq.params.logprobs:
-                    kept = item.tokens[1 : verdicts[b].accepted + 1] + [verdicts[b].next_token]
-                    for i, lp in enumerate(token_logprobs(own[: len(kept)], kept, seq.params.top_logprobs)):
-                        seq.logprobs[seq.settled + i] = lp
-                self._take_verdict(seq, verdicts[b])
+    def _verify(self, seqs: list[Sequence]) -> None:
+        """One large-model forward over each sequence's newest settled token and its drafts; the rollback rule."""
+        if not seqs:
+            return
+        # With large_cached = settled - 1, each sequence feeds its newest settled token and then its
+        # drafts; large-mode sequences feed just their newest token.
+        items = [ForwardItem(s.slot, s.large_cached, s.context[s.large_cached :]) for s in seqs]
+        before = self.large.forward_seconds
+        logits = self.large.token_logits(items)  # [tokens, V], item after item
+        tokens = logits.shape[0]
+        self._round_seconds = 0.0
+        if self.costs is not None:
+            self.costs.observed("large", len(items), tokens, self.large.forward_seconds - before)
+        offsets = [0]
+        for item in items[:-1]:
+            offsets.append(offsets[-1] + len(item.tokens))
+        # Plain-argmax rows share one batched rule call; the others get their own rule below.
+        greedy = [b for b, s in enumerate(seqs) if not s.params.processes_logits]
+        verdicts: list[Verdict | None] = [None] * len(seqs)
+        if greedy:
+            rows = [VerifyRow(items[b].tokens, seqs[b].mode, seqs[b].params.rollback_threshold) for b in greedy]
+            own = logits
+            if len(greedy) < len(seqs):
+                own = logits[torch.cat([torch.arange(offsets[b], offsets[b] + len(items[b].tokens)) for b in greedy])]
+            for b, verdict in zip(greedy, policy.verify(own, rows)):
+                verdicts[b] = verdict
+        for b, (seq, item) in enumerate(zip(seqs, items)):
+            own = logits[offsets[b] : offsets[b] + len(item.tokens)]  # this row's logits
+            if verdicts[b] is None:
+                contexts = [seq.context[: seq.settled + i] for i in range(len(item.tokens))]
+                verdicts[b] = policy.verify_processed(
+                    own, item.tokens[1:], contexts, seq.params, seq.seed, seq.settled, seq.draft_q
+                )
+            if seq.params.logprobs:
+                kept = item.tokens[1 : verdicts[b].accepted + 1] + [verdicts[b].next_token]
+                for i, lp in enumerate(token_logprobs(own[: len(kept)], kept, seq.params.top_logprobs)):
+                    seq.logprobs[seq.settled + i] = lp
+            self._take_verdict(seq, verdicts[b])
 
     def _processed_draft(self, seq: Sequence, logits: torch.Tensor) -> Draft:
         """A draft under the request's rule (sampling, penalties), keeping q for speculative sampling."""
@@ -334,19 +372,23 @@ class Scheduler:
             seq.logprobs[position] = token_logprobs(logits[None], [token], params.top_logprobs)[0]
         return Draft(token, float(q.max()), q if params.sampling and seq.mode is Mode.EXACT else None)
 
-    def _take_draft(self, seq: Sequence, proposal: Draft) -> bool:
-        """Apply the fallback policy to one small-model step; True if the large model must run now."""
+    def _take_draft(self, seq: Sequence, proposal: Draft) -> None:
+        """Apply the fallback rule to one small-model step: keep the draft, or wait for the large model."""
         params, stats = seq.request.params, seq.request.stats
         seq.small_cached = len(seq.context)
         stats.small_forward_steps += 1
         if seq.mode is Mode.SMALL:
             seq.context.append(proposal.token)
             seq.settled = len(seq.context)
-            return False
-        if proposal.confidence < params.fallback_threshold:
+            return
+        self.acceptance.proposed(seq.rule, proposal.confidence, seq.last_confidence)
+        seq.last_confidence = proposal.confidence
+        if policy.falls_back(proposal.confidence, params.fallback_threshold):
             stats.fallbacks += 1
-            return True
+            seq.blocked = True
+            return
         seq.context.append(proposal.token)
+        seq.draft_confidence.append(proposal.confidence)
         if proposal.q is not None:
             seq.draft_q.append(proposal.q)
         at_limit = len(seq.context) - seq.prompt_len >= params.max_new_tokens
@@ -354,13 +396,14 @@ class Scheduler:
             # Forced fallback: too many drafts in a row, or the draft would end the sequence,
             # and every emitted token must pass the rollback check first.
             stats.fallbacks += 1
-            return True
-        return False
+            seq.blocked = True
 
     def _take_verdict(self, seq: Sequence, verdict: Verdict) -> None:
         """Keep the accepted drafts and append the large model's token after them."""
         stats = seq.request.stats
         stats.large_forward_calls += 1
+        for i, confidence in enumerate(seq.draft_confidence[: verdict.accepted + 1]):
+            self.acceptance.ruled(seq.rule, confidence, stood=i < verdict.accepted)
         keep = seq.settled + verdict.accepted
         del seq.context[keep:]
         seq.large_chosen.add(keep)
@@ -369,6 +412,8 @@ class Scheduler:
         seq.small_cached = min(seq.small_cached, keep)
         seq.settled = len(seq.context)
         seq.draft_q.clear()
+        seq.draft_confidence.clear()
+        seq.blocked = False
         stats.rollbacks += int(verdict.rolled_back)
 
     def _settle(self, seq: Sequence, now: float) -> StepOutput | None:

@@ -43,19 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     policy.add_argument("--max-small-tokens", type=int, default=DEFAULT_MAX_SMALL_TOKENS, help="(default: %(default)s)")
     policy.add_argument("--max-new-tokens", type=int, default=256, help="when a request gives none (default: %(default)s)")
     policy.add_argument("--max-new-tokens-limit", type=int, default=2048, help="the most a request may ask for (default: %(default)s)")
-    policy.add_argument("--verify-together", action="store_true",
-                        help="let bild-mode and sampled requests trade batch-independent output for speed under load: "
-                             "their drafts are checked in every large forward, and --draft-batch-limit applies to "
-                             "them too (greedy exact requests always do both: their output cannot change)")
-    policy.add_argument("--draft-batch-limit", type=int, default=2,
-                        help="greedy exact requests draft only while at most this many sequences decode, else the "
-                             "large model decodes them alone, with the same output (0: always draft; default: "
-                             "%(default)s: with the shipped draft on a 2-core CPU, exact is 1.19x of large at 2 sequences, 0.94x at 3)")
+    policy.add_argument("--batch-independent", action="store_true",
+                        help="draft and check by BiLD's per-sequence rules only, so that a request's output does not "
+                             "depend on which requests share its batch (a request may also ask for this). By default "
+                             "the load-adaptive plan checks drafts when that settles the most tokens per second, and "
+                             "decodes with the large model alone where drafts cannot pay; greedy exact output is the "
+                             "large model's either way")
     budget = p.add_argument_group("engine budget")
     budget.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default: %(default)s)")
     budget.add_argument("--max-batch-tokens", type=int, default=32768, help="prompt + max_new_tokens reserved by running sequences (default: %(default)s)")
     budget.add_argument("--context-length", type=int, default=2048, help="longest prompt + generation, capped by the models (default: %(default)s)")
     budget.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens prefilled per iteration; longer prompts are chunked (default: %(default)s)")
+    budget.add_argument("--cost-profile", default="",
+                        help="a JSON file of the models' forward costs for the load-adaptive plan (as kept under the "
+                             "bild cache); default: measured at the first start on this machine, then cached")
     budget.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         fallback_threshold=args.fallback_threshold,
         rollback_threshold=args.rollback_threshold,
         max_small_tokens=args.max_small_tokens,
+        batch_independent=args.batch_independent,
     )
     try:
         defaults.validate()
@@ -86,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             max_seq_len=args.context_length,
             max_waiting=args.max_waiting,
             max_prefill_tokens=args.max_prefill_tokens,
-            verify_together=args.verify_together,
-            draft_batch_limit=args.draft_batch_limit,
+            cost_profile=args.cost_profile,
         )
     except ValueError as error:
         raise SystemExit(f"bild-server: {error}") from None

@@ -130,6 +130,13 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             ignore_eos=request.ignore_eos,
             logprobs=request.logprobs or request.top_logprobs > 0,
             top_logprobs=request.top_logprobs,
+            # A request that fixes its seed wants its output to repeat: unless it says otherwise,
+            # it is decoded by BiLD's own rules, which the rest of the batch cannot change.
+            batch_independent=(
+                request.batch_independent
+                if request.HasField("batch_independent")
+                else config.defaults.batch_independent or request.HasField("seed")
+            ),
         )
         if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")

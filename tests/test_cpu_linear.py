@@ -1,9 +1,8 @@
 """CpuLinear: the same products as nn.Linear at every row count, only inside a runner's forward, and
-no transposed copy of an output head above the size cap."""
+packed forwards that compute only the rows they are given."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -23,21 +22,35 @@ class TwoLayers(nn.Module):
         return self.head(torch.tanh(self.body(x)))
 
 
-@pytest.mark.parametrize("cap", [cpu_linear.TRANSPOSED_COPY_MAX_BYTES, 0])
-def test_same_products_at_every_row_count(monkeypatch, cap: int) -> None:
-    monkeypatch.setattr(cpu_linear, "TRANSPOSED_COPY_MAX_BYTES", cap)
+def test_same_products_at_every_row_count() -> None:
     torch.manual_seed(0)
     model = TwoLayers()
-    inputs = {rows: torch.randn(1, rows, 24) for rows in (1, 2, 3, 4, 8, 80)}
+    inputs = {rows: torch.randn(1, rows, 24) for rows in (1, 2, 3, 4, 8, 80, 300)}
     with torch.no_grad():
         expected = {rows: model(x) for rows, x in inputs.items()}
-        cpu_linear.install(model)
-        assert isinstance(model.head, cpu_linear.CpuLinear) and isinstance(model.body, cpu_linear.CpuLinear)
-        assert (model.head.weight_t is not None) == (cap > 0), "the head's one-row copy follows the size cap"
-        assert model.body.weight_t is None
+        assert cpu_linear.install(model) == 2
+        assert isinstance(model.head, cpu_linear.CpuLinear) and model.head.is_head and not model.body.is_head
         for rows, x in inputs.items():
             assert torch.equal(model(x), expected[rows]), "outside a runner's forward the stock kernel runs"
             with cpu_linear.active():
                 assert cpu_linear.is_active()
-                torch.testing.assert_close(model(x), expected[rows], rtol=1e-5, atol=1e-5)
+                out = model(x)
+                assert out.is_contiguous()
+                torch.testing.assert_close(out, expected[rows], rtol=1e-5, atol=1e-5)
         assert not cpu_linear.is_active()
+
+
+def test_a_packed_forward_computes_only_the_rows_it_is_given() -> None:
+    torch.manual_seed(0)
+    model = TwoLayers()
+    x = torch.randn(3, 4, 24)  # a padded batch: 3 sequences, 4 columns
+    rows = torch.tensor([3, 6, 7, 8, 9, 10, 11])  # the token positions of the flattened [12] rows
+    with torch.no_grad():
+        expected = model(x).reshape(12, -1)[rows]
+        cpu_linear.install(model)
+        with cpu_linear.active(rows, 12):
+            body = model.body(x).reshape(12, -1)
+            out = model(x)
+    assert torch.count_nonzero(body[[0, 1, 2, 4, 5]]) == 0, "the padding's rows are left out"
+    assert out.shape == (1, 7, 300), "the head returns only the given rows"
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ def test_runner_scores_only_the_output_vocab(tiny_dirs, restricted_draft):
         outside_runner = small(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(outside_runner, reference)  # transformers' own calls see the full head
 
-    logits = CausalLMRunner(small, 1, 64).forward([ForwardItem(0, 0, prompt)], all_logits=False)[0, -1]
+    logits = CausalLMRunner(small, 1, 64).next_token_logits([ForwardItem(0, 0, prompt)])[0]
     inside = torch.zeros_like(logits, dtype=torch.bool)
     inside[ids] = True
     torch.testing.assert_close(logits[inside], reference[inside], rtol=1e-5, atol=1e-5)

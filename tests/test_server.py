@@ -15,10 +15,14 @@ from bild.v1 import bild_pb2
 from client import BildClient
 from tests.server_util import start_server
 
-# Always draft, so that busy batches exercise the small model too (the default stops greedy exact
-# requests drafting beyond one sequence).
-SERVER_ARGS = ["--context-length", "512", "--max-new-tokens-limit", "256", "--fallback-threshold", "0.2",
-               "--draft-batch-limit", "0"]
+SERVER_ARGS = ["--context-length", "512", "--max-new-tokens-limit", "256", "--fallback-threshold", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def server_args(free_costs) -> list[str]:
+    # Tiny models cost the same to run, where drafts never pay: plan as if checking them were free,
+    # so that the small model takes part at any load.
+    return [*SERVER_ARGS, "--cost-profile", free_costs]
 
 
 def free_port() -> int:
@@ -30,10 +34,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dirs):
+def server(tiny_dirs, server_args):
     metrics_port = free_port()
     proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "16",
-                        "--metrics-port", str(metrics_port), *SERVER_ARGS)
+                        "--metrics-port", str(metrics_port), *server_args)
     proc.metrics_port = metrics_port
     proc.wait_serving()
     yield proc
@@ -41,10 +45,10 @@ def server(tiny_dirs):
 
 
 @pytest.fixture(scope="module")
-def narrow_server(tiny_dirs):
+def narrow_server(tiny_dirs, server_args):
     """One slot only: a request that leaked its slot would block every later one."""
     proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1",
-                        *SERVER_ARGS)
+                        *server_args)
     proc.wait_serving()
     yield proc
     assert proc.stop() == 0
@@ -221,9 +225,9 @@ def test_client_cli_streams_json_and_stats(server):
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
 
 
-def test_resource_exhausted_when_the_queue_is_full(tiny_dirs):
+def test_resource_exhausted_when_the_queue_is_full(tiny_dirs, server_args):
     proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1",
-                        "--max-waiting", "1", *SERVER_ARGS)
+                        "--max-waiting", "1", *server_args)
     try:
         proc.wait_serving()
 

@@ -87,7 +87,7 @@ def test_exact_equals_large_greedy_generate(smollm2, prompts, references, draft)
 def test_bild_batched_equals_alone(smollm2, prompts):
     model, tokenizer = smollm2
     small = first_layers(model, 6)
-    p = params(Mode.BILD, 12, fallback_threshold=0.3, rollback_threshold=4.0)
+    p = params(Mode.BILD, 12, fallback_threshold=0.3, rollback_threshold=4.0, batch_independent=True)
     eos = {tokenizer.eos_token_id}
     alone = [run(make_scheduler(model, small, eos, slots=1, max_len=256), [q], p)[0][0] for q in prompts[:4]]
     together, _ = run(make_scheduler(model, small, eos, slots=4, max_len=256), prompts[:4], p, [0, 1, 1, 3])
