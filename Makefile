@@ -27,11 +27,14 @@ test: setup
 proto: setup
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/bild/v1/bild.proto
 
-# The comparison with transformers (generate, assisted generation), the gRPC concurrency table, the
-# bild threshold sweep and the overhead profile; writes bench/results/compare.md and a Pareto plot.
+# The headline: tokens/s through the gRPC server at 1 to 64 streams, modes large, exact and bild,
+# beside the engine alone at batch 1 (bench/results/serving.md; about 30 minutes on 2 cores). Then
+# the comparison with transformers (generate, assisted generation) and the bild threshold sweep
+# (bench/results/compare.md and a Pareto plot).
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/compare.py $(ARGS)
+	$(PY) bench/serving.py --out bench/results/serving.md $(ARGS)
+	$(PY) bench/compare.py
 
 # Just the engine: tokens/s of modes large, exact and bild at batch 1 and 8.
 bench-engine: setup

@@ -5,9 +5,9 @@
 1. large-only greedy with transformers `generate`, batch 1 (the reference output);
 2. transformers assisted generation (assistant_model = the small model, assistant_confidence_threshold);
 3. our engine in modes large, exact and bild, batch 1;
-4. through the gRPC server, 1/4/16/32 concurrent streams, modes large, exact and bild;
-5. a fallback x rollback sweep of bild (quality @ speed-up, and a Pareto plot);
-6. at the highest concurrency, the share of wall time in model forwards versus the rest.
+4. a fallback x rollback sweep of bild (quality @ speed-up, and a Pareto plot).
+
+Through the gRPC server, at 1 to 64 streams, see bench/serving.py (`make bench` runs both).
 
 Quality is measured against the large model's own greedy output: token agreement (position by
 position), BLEU (sacrebleu) and ROUGE-L (rouge-score). Speed-ups are ratios within this run.
@@ -16,30 +16,25 @@ position), BLEU (sacrebleu) and ROUGE-L (rouge-score). Speed-ups are ratios with
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
+import json
 import os
 import platform
-import re
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load  # noqa: E402  (bench/load.py)
-
-from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS  # noqa: E402
-from scheduler.model_runner import CausalLMRunner  # noqa: E402
-from scheduler.pair import load_pair  # noqa: E402
-from scheduler.offline import generate  # noqa: E402
-from scheduler.request import Mode, SamplingParams  # noqa: E402
-from scheduler.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS
+from scheduler.model_runner import CausalLMRunner
+from scheduler.offline import generate
+from scheduler.pair import load_pair
+from scheduler.request import Mode, SamplingParams
+from scheduler.scheduler import Scheduler, SchedulerConfig
 
 RESULTS = Path(__file__).with_name("results")
+PROMPTS = Path(__file__).with_name("chat.jsonl")
 
 
 class Quality:
@@ -96,53 +91,12 @@ def chat_ids(tokenizer, rows) -> list[list[int]]:
                              add_special_tokens=False) for m in rows]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """bild-server in a subprocess, with its metrics endpoint."""
-
-    def __init__(self, large: str, small: str, max_batch: int) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--large", large, "--small", small, "--port", str(self.port),
-             "--max-batch-size", str(max_batch), "--metrics-port", str(self.metrics_port), "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 600
-        while time.time() < deadline and self.proc.poll() is None:
-            try:
-                if "bild_engine_free_slots" in self.metrics_text():  # the engine is up
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("bild-server did not start")
-
-    def metrics_text(self) -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-
-    def counter(self, name: str) -> float:
-        match = re.search(rf"^{name} ([0-9.e+-]+)$", self.metrics_text(), re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", default=SMOLLM2_ALIAS)
     ap.add_argument("--small", default=str(DEFAULT_SMALL_DIR))
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--streams", type=int, nargs="*", default=[1, 4, 16, 32])
     ap.add_argument("--fallback", type=float, nargs="*", default=[0.3, 0.4, 0.6])
     ap.add_argument("--rollback", type=float, nargs="*", default=[0.8, 2.0, 3.0])
     ap.add_argument("--sweep-prompts", type=int, default=8)
@@ -151,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
 
     pair = load_pair(args.large, args.small)
-    rows = load.load_prompts()[: args.prompts]
+    rows = [json.loads(line)["messages"] for line in PROMPTS.read_text().splitlines() if line.strip()][: args.prompts]
     prompts = chat_ids(pair.tokenizer, rows)
     n = args.max_new_tokens
     lines = [
@@ -159,7 +113,7 @@ def main() -> None:
         "",
         f"Machine: {os.cpu_count()} cores {platform.machine()}, {platform.system()}, torch {torch.__version__}, "
         f"device cpu, float32. Large: `{args.large}`, small: `{args.small}`. {len(prompts)} chat prompts "
-        f"(bench/prompts.jsonl), max_new_tokens {n}, greedy. Command: `python {' '.join(sys.argv)}`",
+        f"(bench/chat.jsonl), max_new_tokens {n}, greedy. Command: `python {' '.join(sys.argv)}`",
         "",
     ]
 
@@ -189,51 +143,6 @@ def main() -> None:
         *hf_generate(pair.large, prompts, n, pair.small, args.assistant_threshold))
     for mode in (Mode.LARGE, Mode.EXACT, Mode.BILD):
         row(f"bild engine, mode {mode.value}", *engine_batch1(pair, prompts, SamplingParams(mode=mode, max_new_tokens=n)))
-
-    if args.streams:
-        emit()
-        emit("## Through the gRPC server")
-        emit()
-        emit("| mode | streams | tokens/s | speed-up vs large | TTFT p50 / p95 ms | ITL p50 / p95 ms | token agreement | BLEU | ROUGE-L |")
-        emit("|---|---|---|---|---|---|---|---|---|")
-        server = Server(args.large, args.small, max(args.streams))
-        target = f"127.0.0.1:{server.port}"
-        profile = None
-        try:
-            for streams in args.streams:
-                large_rate = None
-                for mode in ("large", "exact", "bild"):
-                    ns = argparse.Namespace(target=target, concurrency=streams, requests=max(streams, len(rows)),
-                                            duration=None, max_new_tokens=n, mode=mode, timeout=3600)
-                    busy0, fwd0 = server.counter("bild_engine_busy_seconds_total"), server.counter("bild_engine_forward_seconds_total")
-                    start = time.perf_counter()
-                    results = asyncio.run(load.run(ns, rows))
-                    wall = time.perf_counter() - start
-                    rate = results.tokens / wall
-                    large_rate = large_rate or rate
-                    outputs = [results.outputs.get(i, []) for i in range(len(rows))]
-                    agreement, bleu, rouge = quality(outputs)
-                    p = lambda v, q: load.percentile(v, q) * 1e3  # noqa: E731
-                    emit(f"| {mode} | {streams} | {rate:.1f} | {rate / large_rate:.2f}x | "
-                         f"{p(results.first_token, 50):.0f} / {p(results.first_token, 95):.0f} | "
-                         f"{p(results.inter_token, 50):.0f} / {p(results.inter_token, 95):.0f} | "
-                         f"{agreement:.1%} | {bleu:.1f} | {rouge:.1f} |")
-                    if streams == max(args.streams) and mode == "bild":
-                        busy = server.counter("bild_engine_busy_seconds_total") - busy0
-                        fwd = server.counter("bild_engine_forward_seconds_total") - fwd0
-                        profile = (wall, busy, fwd, streams)
-        finally:
-            server.stop()
-        if profile:
-            wall, busy, fwd, streams = profile
-            emit()
-            emit(f"## Where the time goes, mode bild, {streams} streams")
-            emit()
-            emit("| part | seconds | share of wall time |")
-            emit("|---|---|---|")
-            emit(f"| model forwards (small and large) | {fwd:.1f} | {fwd / wall:.0%} |")
-            emit(f"| scheduling, policies, Python in the engine thread | {busy - fwd:.1f} | {(busy - fwd) / wall:.0%} |")
-            emit(f"| engine idle: gRPC, tokenizing, detokenizing, client | {wall - busy:.1f} | {(wall - busy) / wall:.0%} |")
 
     if args.fallback and args.rollback:
         sweep_prompts = prompts[: args.sweep_prompts]

@@ -4,7 +4,7 @@
 
 Prints a ghz-like summary: count, errors by status, requests/s, latency percentiles of the whole
 stream, of the first token (which ghz cannot see in a server stream) and between tokens, and the
-aggregate settled tokens/s. Prompts cycle through bench/prompts.jsonl (chat messages).
+aggregate settled tokens/s. Prompts cycle through bench/chat.jsonl (chat messages).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import grpc
 
 from client import BildClient
 
-PROMPTS = Path(__file__).with_name("prompts.jsonl")
+PROMPTS = Path(__file__).with_name("chat.jsonl")
 
 
 @dataclass

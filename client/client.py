@@ -50,6 +50,7 @@ class BildClient:
         ignore_eos: bool = False,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        batch_independent: bool | None = None,
         request_id: str = "",
         timeout: float | None = None,
     ) -> AsyncIterator[bild_pb2.GenerateResponse]:
@@ -75,6 +76,7 @@ class BildClient:
             ("top_p", top_p),
             ("repetition_penalty", repetition_penalty),
             ("seed", seed),
+            ("batch_independent", batch_independent),
         ):
             if value is not None:
                 setattr(request, field, value)

@@ -32,7 +32,7 @@ from scheduler import profile
 from scheduler.logprobs import TokenLogprob
 from scheduler.model_runner import CausalLMRunner
 from scheduler.pair import ModelPair
-from scheduler.request import FinishReason, Limits, Request, RequestStats
+from scheduler.request import FinishReason, Limits, RequestStats
 from scheduler.scheduler import Scheduler, SchedulerConfig, StepOutput
 
 log = logging.getLogger(__name__)

@@ -173,8 +173,8 @@ class AcceptanceStats:
     probability (1 + c) / 2, and the small model's drafts to be confident.
     """
 
-    PRIOR = 4.0  # observations per bin
-    PRIOR_PROPOSED = (0.9, 4.0)  # (confidence, observations) per previous-confidence bin
+    PRIOR = 2.0  # observations per bin
+    PRIOR_PROPOSED = (0.9, 1.0)  # (confidence, observations) per previous-confidence bin
 
     def __init__(self, half_life: float = 2000.0) -> None:
         self._decay = 0.5 ** (1.0 / half_life)  # per observation
@@ -206,17 +206,11 @@ class AcceptanceStats:
         prior = (1.0 + (b + 0.5) / BINS) / 2
         return (c.accepted[b] + self.PRIOR * prior) / (c.checked[b] + self.PRIOR)
 
-    def next_draft(self, kind: str, fallback_threshold: float, previous: float | None) -> tuple[float, float]:
-        """For a draft not made yet, after a proposal of confidence `previous`: the chance that it
-        passes the fallback test, and the chance that it then stands."""
+    def next_stands(self, kind: str, previous: float | None) -> float:
+        """The chance that a draft not made yet stands, after a proposal of confidence `previous`."""
         weights = list(self._get(kind).proposed[_previous(previous)])
         weights[_bin(self.PRIOR_PROPOSED[0])] += self.PRIOR_PROPOSED[1]
-        passing = [min(1.0, max(0.0, (b + 1) - fallback_threshold * BINS)) for b in range(BINS)]  # share of the bin
-        mass = sum(w * s for w, s in zip(weights, passing))
-        if mass <= 0:
-            return 0.0, 0.0
-        stands = sum(w * s * self.stands(kind, (b + 0.5) / BINS) for b, (w, s) in enumerate(zip(weights, passing)))
-        return mass / sum(weights), stands / mass
+        return sum(w * self.stands(kind, (b + 0.5) / BINS) for b, w in enumerate(weights)) / sum(weights)
 
 
 # ---- what forwards cost: the cost model ------------------------------------------------------
@@ -229,7 +223,7 @@ class CostTable:
 
     A forward's cost follows its token count in steps, not smoothly: CPU kernels are fast at some
     row counts and slow in between (see cpu_linear), so a count costs what the next measured one
-    does. Beyond the last, the cost grows along the last two points.
+    does. Beyond the last, the cost grows along the last two points (it never shrinks).
     """
 
     tokens: list[int]  # ascending
@@ -254,7 +248,7 @@ class CostTable:
         if len(self.tokens) == 1:
             return self.seconds[0]
         (x0, x1), (y0, y1) = self.tokens[-2:], self.seconds[-2:]
-        return y1 + (y1 - y0) * (tokens - x1) / (x1 - x0)
+        return y1 + max(0.0, y1 - y0) * (tokens - x1) / (x1 - x0)
 
     def run_as(self) -> list[int]:
         """For each token count n up to the last measured one, the count its forward should run as."""
@@ -269,6 +263,7 @@ class CostModel:
     small_table: CostTable
     large_scale: float = 1.0
     small_scale: float = 1.0
+    step: float = 0.0  # seconds of an iteration besides its forwards (bookkeeping), a moving average
     adapt: bool = True  # follow measured forwards (off: the tables are taken as they are)
 
     def large(self, rows: int, tokens: int) -> float:
@@ -287,8 +282,16 @@ class CostModel:
         ratio = min(3.0, max(0.33, seconds / predicted))
         setattr(self, name, 0.9 * getattr(self, name) + 0.1 * ratio)
 
+    def observed_step(self, seconds: float) -> None:
+        """An iteration's time outside model forwards: a round that drafts once more pays it once more."""
+        if self.adapt:
+            self.step = 0.9 * self.step + 0.1 * min(seconds, 0.1)
+
 
 # ---- the plan --------------------------------------------------------------------------------
+
+
+MARGIN = 0.02
 
 
 class Kind(Enum):
@@ -304,8 +307,7 @@ class RowState:
     kind: Kind
     pending: tuple[float, ...] = ()  # chance that each unchecked draft stands, in order
     can_draft: bool = False  # not fallen back, below max_small_tokens, no end token drafted
-    next_passes: float = 0.0  # chance that its next draft passes the fallback test...
-    next_stands: float = 0.0  # ...and then stands
+    next_stands: float = 0.0  # chance that its next draft stands (one that fails the fallback test is checked too)
     catch_up: int = 0  # settled tokens the small model has not read yet (it was not drafting)
     independent: bool = False  # its output must not depend on the batch: BiLD's own rules only
 
@@ -349,18 +351,19 @@ def plan(rows: list[RowState], costs: CostModel, round_seconds: float) -> Plan:
     base_small = small_cost(always)
     width = sum(1 + len(rows[i].pending) for i in waiting)
     tokens_now = sum(rows[i].expected_tokens for i in waiting)
-    seconds_now = round_seconds + costs.large(len(waiting), width)
-    best_rate, best = tokens_now / seconds_now, []
+    seconds_now = round_seconds + costs.step + costs.large(len(waiting), width)
+    # Another draft step must beat checking now by a margin: the costs and chances it relies on are
+    # estimates, and at the break-even point a wrong guess only loses.
+    best_rate, best = tokens_now / seconds_now * (1 + MARGIN), []
     # One more draft from the most promising rows first; each prefix of that order is a candidate.
-    gain = {i: rows[i].all_stand * rows[i].next_passes * rows[i].next_stands for i in optional}
+    gain = {i: rows[i].all_stand * rows[i].next_stands for i in optional}
     order = sorted((i for i in optional if gain[i] > 0), key=lambda i: -gain[i])
-    tokens, extra_width, chosen = tokens_now, 0.0, []
+    tokens, chosen = tokens_now, []
     for i in order:
         chosen.append(i)
         tokens += gain[i]
-        extra_width += rows[i].next_passes
-        seconds = (round_seconds + small_cost(always + chosen) - base_small
-                   + costs.large(len(waiting), width + extra_width))
+        seconds = (seconds_now + costs.step + small_cost(always + chosen) - base_small
+                   + costs.large(len(waiting), width + len(chosen)) - costs.large(len(waiting), width))
         if tokens / seconds > best_rate:
             best_rate, best = tokens / seconds, list(chosen)
     if best:

@@ -95,8 +95,9 @@ class Sequence:
 
     @property
     def rule(self) -> str:
-        """Which acceptance statistics its drafts feed: drafts stand differently under each rule."""
-        return self.mode.value + ("-sampled" if self.params.sampling else "")
+        """Which acceptance statistics its drafts feed. Bild's rule keeps a few drafts that exact's
+        rejects; they share statistics all the same, so that both learn from every draft checked."""
+        return "sampled" if self.params.sampling else "greedy"
 
     @property
     def independent(self) -> bool:
@@ -182,6 +183,15 @@ class Scheduler:
     # ---- one iteration -------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
+        forwards = self.large.forward_seconds + (self.small.forward_seconds if self.small is not None else 0.0)
+        outputs = self._step()
+        if self.costs is not None:
+            forwards = self.large.forward_seconds + self.small.forward_seconds - forwards
+            self.costs.observed_step(time.perf_counter() - started - forwards)
+        return outputs
+
+    def _step(self) -> list[StepOutput]:
         self._drop_cancelled()
         self._admit()
         decoding = [s for s in self.running.values() if s.prefilled == s.prompt_len]
@@ -296,13 +306,11 @@ class Scheduler:
         if seq.mode is Mode.SMALL:
             return RowState(Kind.SMALL)
         stands = self.acceptance.stands
-        passes, stands_next = (0.0, 0.0) if seq.blocked else self.acceptance.next_draft(
-            seq.rule, seq.params.fallback_threshold, seq.last_confidence)
+        stands_next = 0.0 if seq.blocked else self.acceptance.next_stands(seq.rule, seq.last_confidence)
         return RowState(
             Kind.DRAFTS,
             pending=tuple(stands(seq.rule, c) for c in seq.draft_confidence),
             can_draft=not seq.blocked,
-            next_passes=passes,
             next_stands=stands_next,
             catch_up=len(seq.context) - 1 - seq.small_cached,
             independent=seq.independent,
@@ -386,7 +394,10 @@ class Scheduler:
         if policy.falls_back(proposal.confidence, params.fallback_threshold):
             stats.fallbacks += 1
             seq.blocked = True
-            return
+            if seq.independent:
+                return  # BiLD discards the unconfident draft
+            # The large model checks this sequence next anyway: its guess rides along for the price
+            # of one more token in that forward, and stands about a fifth of the time.
         seq.context.append(proposal.token)
         seq.draft_confidence.append(proposal.confidence)
         if proposal.q is not None:
@@ -395,7 +406,7 @@ class Scheduler:
         if seq.drafted >= params.max_small_tokens or proposal.token in seq.end_tokens or at_limit:
             # Forced fallback: too many drafts in a row, or the draft would end the sequence,
             # and every emitted token must pass the rollback check first.
-            stats.fallbacks += 1
+            stats.fallbacks += int(not seq.blocked)
             seq.blocked = True
 
     def _take_verdict(self, seq: Sequence, verdict: Verdict) -> None:

@@ -89,6 +89,19 @@ def test_a_busy_batch_decodes_with_the_large_model_alone_where_drafts_cannot_pay
         assert busy < 0.1 < 0.3 < alone, (mode, busy, alone)
 
 
+@pytest.mark.parametrize("load", [1, 3, 8, 24])
+def test_exact_equals_large_greedy_at_every_load(models, prompts, load):
+    """With a real pair's costs the plan drafts at low load and not at high: exact is lossless throughout."""
+    many = (prompts * 3)[:load * 2 if load > 1 else 3]
+    refs = [greedy_reference(models["large"], p, MAX_NEW, EOS) for p in many]
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=load, costs=smollm2_costs())
+    join_at = [i * 3 for i in range(len(many))]  # the batch fills, stays full, then drains
+    outputs, requests = run(scheduler, many, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2), join_at)
+    assert outputs == refs
+    if load == 1:
+        assert sum(r.stats.small_tokens for r in requests) > 0
+
+
 def test_batch_independent_requests_draft_by_their_own_rules_at_any_load(models, prompts):
     many = (prompts * 3)[:24]
     p = params(Mode.BILD, MAX_NEW, fallback_threshold=0.2, rollback_threshold=2.0, batch_independent=True)
