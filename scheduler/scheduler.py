@@ -394,10 +394,10 @@ class Scheduler:
         if policy.falls_back(proposal.confidence, params.fallback_threshold):
             stats.fallbacks += 1
             seq.blocked = True
-            if seq.independent:
+            if seq.mode is Mode.BILD or seq.independent:
                 return  # BiLD discards the unconfident draft
-            # The large model checks this sequence next anyway: its guess rides along for the price
-            # of one more token in that forward, and stands about a fifth of the time.
+            # Exact mode only emits what the large model would: the guess rides along into the check
+            # that comes next anyway, for one more token in that forward, and stands a fifth of the time.
         seq.context.append(proposal.token)
         seq.draft_confidence.append(proposal.confidence)
         if proposal.q is not None:

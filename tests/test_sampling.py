@@ -55,8 +55,9 @@ def test_exact_sampling_is_distributed_as_large_sampling(models, draft):
     common prefix gives an exact expected distribution to test against.
     """
     n = 1200
+    # Batch-independent: BiLD's own rules, so that every position is drafted whatever the plan would do.
     params = [SamplingParams(mode=Mode.EXACT, max_new_tokens=3, temperature=1.0, top_k=12, seed=s,
-                             fallback_threshold=0.0, ignore_eos=True) for s in range(n)]
+                             fallback_threshold=0.0, ignore_eos=True, batch_independent=True) for s in range(n)]
     scheduler = make_scheduler(models["large"], models[draft], {EOS}, slots=16, max_len=64)
     outputs, requests = run(scheduler, [PROMPT] * n, params)
     assert sum(r.stats.rollbacks for r in requests) > 10  # the resampling path ran
