@@ -79,7 +79,7 @@ def sampling_check(device, dtype):
     same = 0
     for mode in (Mode.EXACT, Mode.BILD, Mode.LARGE, Mode.SMALL):
         p = SamplingParams(mode=mode, max_new_tokens=40, temperature=0.9, top_p=0.95, seed=7, fallback_threshold=0.1,
-                           logprobs=True, top_logprobs=2)
+                           logprobs=True, top_logprobs=2, batch_independent=True)
         alone, _ = run(sched(1), [[5, 6, 7]], p)
         others = [SamplingParams(mode=Mode.EXACT, max_new_tokens=30, temperature=1.0, seed=s) for s in range(7)]
         busy, _ = run(sched(8), [[9, 9, i] for i in range(7)] + [[5, 6, 7]], others + [p])

@@ -179,18 +179,21 @@ class AcceptanceStats:
     def __init__(self, half_life: float = 2000.0) -> None:
         self._decay = 0.5 ** (1.0 / half_life)  # per observation
         self._kinds: dict[str, _Counts] = {}
+        self._next: dict[tuple[str, int], float] = {}  # next_stands, until new evidence comes in
 
     def _get(self, kind: str) -> _Counts:
         return self._kinds.setdefault(kind, _Counts())
 
     def proposed(self, kind: str, confidence: float, previous: float | None) -> None:
         """The small model proposed a draft of this confidence after one of confidence `previous`."""
+        self._next.clear()
         row = self._get(kind).proposed[_previous(previous)]
         for b in range(BINS):
             row[b] *= self._decay
         row[_bin(confidence)] += 1.0
 
     def ruled(self, kind: str, confidence: float, stood: bool) -> None:
+        self._next.clear()
         c = self._get(kind)
         for b in range(BINS):
             c.checked[b] *= self._decay
@@ -208,9 +211,12 @@ class AcceptanceStats:
 
     def next_stands(self, kind: str, previous: float | None) -> float:
         """The chance that a draft not made yet stands, after a proposal of confidence `previous`."""
-        weights = list(self._get(kind).proposed[_previous(previous)])
-        weights[_bin(self.PRIOR_PROPOSED[0])] += self.PRIOR_PROPOSED[1]
-        return sum(w * self.stands(kind, (b + 0.5) / BINS) for b, w in enumerate(weights)) / sum(weights)
+        key = (kind, _previous(previous))
+        if key not in self._next:
+            weights = list(self._get(kind).proposed[key[1]])
+            weights[_bin(self.PRIOR_PROPOSED[0])] += self.PRIOR_PROPOSED[1]
+            self._next[key] = sum(w * self.stands(kind, (b + 0.5) / BINS) for b, w in enumerate(weights)) / sum(weights)
+        return self._next[key]
 
 
 # ---- what forwards cost: the cost model ------------------------------------------------------
@@ -308,7 +314,6 @@ class RowState:
     pending: tuple[float, ...] = ()  # chance that each unchecked draft stands, in order
     can_draft: bool = False  # not fallen back, below max_small_tokens, no end token drafted
     next_stands: float = 0.0  # chance that its next draft stands (one that fails the fallback test is checked too)
-    catch_up: int = 0  # settled tokens the small model has not read yet (it was not drafting)
     independent: bool = False  # its output must not depend on the batch: BiLD's own rules only
 
     @property
@@ -345,8 +350,10 @@ def plan(rows: list[RowState], costs: CostModel, round_seconds: float) -> Plan:
     if not optional:  # nobody may draft: check whoever waits
         return Plan(always, waiting)
 
+    # A small model that has not read all of a sequence (its prompt, or tokens settled while it did
+    # not draft) catches up once, whenever the sequence drafts again; that is not charged to one step.
     def small_cost(chosen: list[int]) -> float:
-        return costs.small(len(chosen), sum(1 + rows[i].catch_up for i in chosen))
+        return costs.small(len(chosen), len(chosen))
 
     base_small = small_cost(always)
     width = sum(1 + len(rows[i].pending) for i in waiting)

@@ -18,8 +18,9 @@ Bookkeeping per sequence, with `context` = prompt + generated tokens (drafts inc
   settled        context[:settled] passed the large model (or needs no check: `small` mode);
   large_cached   the large model's cache holds context[:large_cached]; always settled - 1 after a
                  large forward, since its newest token is predicted but not yet fed;
-  small_cached   the same for the small model; a rollback lowers it, nothing is recomputed, and
-                 after rounds without drafts the small model catches up in its next step.
+  small_cached   the same for the small model; a rollback lowers it, nothing is recomputed. The
+                 small model reads a prompt only when the sequence first drafts, and after rounds
+                 without drafts it catches up on what was settled meanwhile.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from scheduler.policy import AcceptanceStats, CostModel, Draft, Kind, RowState, 
 from scheduler.request import FinishReason, Limits, Mode, Request, SamplingParams, check
 from scheduler.sampling import DRAFT, TARGET, pick, process
 
-DRAFTING_MODES = (Mode.BILD, Mode.EXACT, Mode.SMALL)
+# A draft step feeds the small model up to this many tokens it has not read besides the newest;
+# a sequence further behind catches up in a forward of its own first.
+CATCH_UP_IN_STEP = 8
 
 
 @dataclass(frozen=True)
@@ -268,14 +271,16 @@ class Scheduler:
                 break
             chunks.append((seq, ForwardItem(seq.slot, seq.prefilled, seq.context[seq.prefilled : seq.prefilled + n])))
             budget -= n
-        small = [(s, item) for s, item in chunks if s.mode in DRAFTING_MODES]
+        # The small model reads a bild or exact prompt only once the plan has the sequence draft
+        # (`_catch_up`): under a load where drafts do not pay, it never needs to.
+        small = [(s, item) for s, item in chunks if s.mode is Mode.SMALL]
         large = [(s, item) for s, item in chunks if s.mode is not Mode.SMALL]
         if small:
             logits = self.small.next_token_logits([item for _, item in small])
             for (seq, item), row in zip(small, logits):
                 seq.small_cached = item.start + len(item.tokens)
                 seq.request.stats.small_forward_steps += 1
-                if seq.mode is Mode.SMALL and seq.small_cached == seq.prompt_len:
+                if seq.small_cached == seq.prompt_len:
                     self._append_first(seq, row, DRAFT)
         if large:
             # The large model must read the prompt anyway; its prediction is the first token.
@@ -312,12 +317,36 @@ class Scheduler:
             pending=tuple(stands(seq.rule, c) for c in seq.draft_confidence),
             can_draft=not seq.blocked,
             next_stands=stands_next,
-            catch_up=len(seq.context) - 1 - seq.small_cached,
             independent=seq.independent,
         )
 
+    def _catch_up(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Feed the small model what it has not read (a prompt, tokens settled while it did not draft)
+        in chunks within the prefill budget; return the sequences ready for a draft step now.
+
+        Apart from their draft step, so that one long catch-up does not pad every row of it.
+        """
+        lagging = [s for s in seqs if len(s.context) - 1 - s.small_cached > CATCH_UP_IN_STEP]
+        if not lagging:
+            return seqs
+        budget = self.config.max_prefill_tokens
+        items = []
+        for seq in lagging:
+            n = min(budget, len(seq.context) - 1 - seq.small_cached)
+            if n <= 0:
+                break
+            items.append(ForwardItem(seq.slot, seq.small_cached, seq.context[seq.small_cached : seq.small_cached + n]))
+            budget -= n
+        before = self.small.forward_seconds
+        self.small.next_token_logits(items)
+        self._round_seconds += self.small.forward_seconds - before
+        for seq, item in zip(lagging, items):
+            seq.small_cached = item.start + len(item.tokens)
+        return [s for s in seqs if len(s.context) - 1 - s.small_cached <= CATCH_UP_IN_STEP]
+
     def _draft(self, seqs: list[Sequence]) -> None:
         """One small-model step for each sequence; the fallback rule decides which drafts stay."""
+        seqs = self._catch_up(seqs)
         if not seqs:
             return
         items = [ForwardItem(s.slot, s.small_cached, s.context[s.small_cached :]) for s in seqs]
@@ -394,10 +423,10 @@ class Scheduler:
         if policy.falls_back(proposal.confidence, params.fallback_threshold):
             stats.fallbacks += 1
             seq.blocked = True
-            if seq.mode is Mode.BILD or seq.independent:
-                return  # BiLD discards the unconfident draft
-            # Exact mode only emits what the large model would: the guess rides along into the check
-            # that comes next anyway, for one more token in that forward, and stands a fifth of the time.
+            if seq.independent:
+                return  # BiLD's own rule: the unconfident draft is discarded
+            # The large model checks this sequence next anyway: the guess rides along for one more
+            # token in that forward, and the rollback rule judges it like any other draft.
         seq.context.append(proposal.token)
         seq.draft_confidence.append(proposal.confidence)
         if proposal.q is not None:
