@@ -314,6 +314,7 @@ class RowState:
     pending: tuple[float, ...] = ()  # chance that each unchecked draft stands, in order
     can_draft: bool = False  # not fallen back, below max_small_tokens, no end token drafted
     next_stands: float = 0.0  # chance that its next draft stands (one that fails the fallback test is checked too)
+    catch_up: int = 0  # tokens the small model has not read yet besides the newest (it was not drafting)
     independent: bool = False  # its output must not depend on the batch: BiLD's own rules only
 
     @property
@@ -350,10 +351,8 @@ def plan(rows: list[RowState], costs: CostModel, round_seconds: float) -> Plan:
     if not optional:  # nobody may draft: check whoever waits
         return Plan(always, waiting)
 
-    # A small model that has not read all of a sequence (its prompt, or tokens settled while it did
-    # not draft) catches up once, whenever the sequence drafts again; that is not charged to one step.
     def small_cost(chosen: list[int]) -> float:
-        return costs.small(len(chosen), len(chosen))
+        return costs.small(len(chosen), sum(1 + rows[i].catch_up for i in chosen))
 
     base_small = small_cost(always)
     width = sum(1 + len(rows[i].pending) for i in waiting)
@@ -376,3 +375,14 @@ def plan(rows: list[RowState], costs: CostModel, round_seconds: float) -> Plan:
     if best:
         return Plan(sorted(always + best), [])
     return Plan(always, waiting)
+
+
+def drafting_pays(rows: int, costs: CostModel, stands: float) -> bool:
+    """Whether, at this many decoding sequences, one draft each would beat the large model alone.
+
+    A sequence joining such a batch has the small model read its prompt at once, so that it can
+    draft from its first round; in a batch where drafts do not pay it waits until they do.
+    """
+    alone = rows / (costs.large(rows, rows) + costs.step)
+    drafted = rows * (1 + stands) / (costs.small(rows, rows) + costs.large(rows, 2 * rows) + 2 * costs.step)
+    return drafted > alone * (1 + MARGIN)

@@ -18,9 +18,9 @@ Bookkeeping per sequence, with `context` = prompt + generated tokens (drafts inc
   settled        context[:settled] passed the large model (or needs no check: `small` mode);
   large_cached   the large model's cache holds context[:large_cached]; always settled - 1 after a
                  large forward, since its newest token is predicted but not yet fed;
-  small_cached   the same for the small model; a rollback lowers it, nothing is recomputed. The
-                 small model reads a prompt only when the sequence first drafts, and after rounds
-                 without drafts it catches up on what was settled meanwhile.
+  small_cached   the same for the small model; a rollback lowers it, nothing is recomputed. In a
+                 batch where drafts do not pay the small model skips the prompt; if the sequence
+                 drafts later, it first catches up on what it has not read.
 """
 
 from __future__ import annotations
@@ -271,16 +271,19 @@ class Scheduler:
                 break
             chunks.append((seq, ForwardItem(seq.slot, seq.prefilled, seq.context[seq.prefilled : seq.prefilled + n])))
             budget -= n
-        # The small model reads a bild or exact prompt only once the plan has the sequence draft
-        # (`_catch_up`): under a load where drafts do not pay, it never needs to.
-        small = [(s, item) for s, item in chunks if s.mode is Mode.SMALL]
+        # In a batch where drafts do not pay, the small model reads a bild or exact prompt only if
+        # the plan later has the sequence draft (`_catch_up`), so that a busy server spends nothing on it.
+        eager = self.costs is not None and policy.drafting_pays(
+            len(self.running), self.costs, self.acceptance.next_stands("greedy", None))
+        small = [(s, item) for s, item in chunks
+                 if s.mode is Mode.SMALL or (eager and s.mode is not Mode.LARGE and s.small_cached == item.start)]
         large = [(s, item) for s, item in chunks if s.mode is not Mode.SMALL]
         if small:
             logits = self.small.next_token_logits([item for _, item in small])
             for (seq, item), row in zip(small, logits):
                 seq.small_cached = item.start + len(item.tokens)
                 seq.request.stats.small_forward_steps += 1
-                if seq.small_cached == seq.prompt_len:
+                if seq.mode is Mode.SMALL and seq.small_cached == seq.prompt_len:
                     self._append_first(seq, row, DRAFT)
         if large:
             # The large model must read the prompt anyway; its prediction is the first token.
@@ -318,6 +321,7 @@ class Scheduler:
             can_draft=not seq.blocked,
             next_stands=stands_next,
             independent=seq.independent,
+            catch_up=len(seq.context) - 1 - seq.small_cached,
         )
 
     def _catch_up(self, seqs: list[Sequence]) -> list[Sequence]:

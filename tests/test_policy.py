@@ -148,3 +148,16 @@ def test_large_and_small_mode_sequences_and_independent_ones() -> None:
     # The small-mode row and the independent row that may draft always step; the large-mode row
     # and the independent row that fell back are checked now.
     assert policy.plan(rows, DEAR_CHECKS, 0.0) == Plan([1, 2], [0, 3])
+
+
+def test_a_stale_small_cache_makes_drafting_dearer() -> None:
+    costs = CostModel(CostTable([1, 2, 8], [0.030, 0.030, 0.040]), CostTable([1, 64, 512], [0.003, 0.010, 0.080]),
+                      adapt=False)
+    assert policy.plan([drafting(stands=0.5)], costs, 0.0) == Plan([0], [])
+    assert policy.plan([drafting(stands=0.5, catch_up=500)], costs, 0.0) == Plan([], [0])
+
+
+def test_whether_drafting_pays_at_a_batch_size() -> None:
+    assert policy.drafting_pays(1, CHEAP_CHECKS, 0.5)
+    assert not policy.drafting_pays(32, DEAR_CHECKS, 0.5)
+    assert not policy.drafting_pays(1, CHEAP_CHECKS, 0.0)
