@@ -3,10 +3,12 @@
     python bench/serving.py [--streams 1 2 4 8 16 32 64] [--rounds 2] [--max-new-tokens 64] [--out FILE]
 
 Starts bild-server with its defaults (plus --server-args), waits until it serves, and for each
-number of concurrent streams runs the modes in turn, large first, `--rounds` times: each run sends
+number of concurrent streams runs the modes in turn, `--rounds` times, every other round in reverse
+order (the machine's speed drifts by several percent within minutes; so a steady drift cancels out
+of the ratios): each run sends
 `--requests-per-stream` requests per stream (at least 8 in all) of chat prompts from
 bench/chat.jsonl, written for this benchmark and never part of the draft's training. Speed-ups are
-medians over rounds of each mode against the large-only run of the same round. "Same tokens" compares
+means over rounds of each mode against the large-only run of the same round. "Same tokens" compares
 each output with large-only greedy output of the same prompt, position by position.
 
 The load generator is this process: one asyncio gRPC client, no detokenization. Its CPU share, and
@@ -174,7 +176,8 @@ def main() -> None:
         f"--max-new-tokens {args.max_new_tokens}{' --server-args ' + repr(args.server_args) if args.server_args else ''}`",
         "", f"bild-server with default flags{' and ' + args.server_args if args.server_args else ''}; "
         f"{len(rows)} chat prompts from bench/chat.jsonl, greedy, {args.max_new_tokens} new tokens; "
-        f"{args.requests_per_stream} requests per stream (at least 8) per run; medians over {args.rounds} rounds.", "",
+        f"{args.requests_per_stream} requests per stream (at least 8) per run; {args.rounds} rounds, every other one "
+        f"in reverse order; tokens/s are medians, speed-ups means (with their range) over the rounds.", "",
         "| streams | mode | tokens/s | speed-up vs large | same tokens as large | small-token share | first token p50 | client CPU | server CPU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -183,8 +186,10 @@ def main() -> None:
         for streams in args.streams:
             requests = max(8, streams * args.requests_per_stream)
             runs: dict[str, list[Run]] = {m: [] for m in args.modes}
-            for _ in range(args.rounds):
-                for mode in args.modes:
+            for round_ in range(args.rounds):
+                # Every other round in reverse order: the machine's speed drifts by several percent
+                # within minutes, and this way a steady drift cancels out of the ratios.
+                for mode in args.modes if round_ % 2 == 0 else reversed(args.modes):
                     runs[mode].append(asyncio.run(run_mode(target, rows, mode, streams, requests,
                                                            args.max_new_tokens, pids)))
             reference = runs["large"][0].outputs if "large" in runs else {}
@@ -201,7 +206,7 @@ def main() -> None:
                 tokens = sum(r.tokens for r in rs)
                 wall = sum(r.seconds for r in rs)
                 errors = sum(r.errors for r in rs)
-                line = (f"| {streams} | {mode} | {statistics.median(rates):.1f} | {statistics.median(ratios):.2f}x"
+                line = (f"| {streams} | {mode} | {statistics.median(rates):.1f} | {statistics.mean(ratios):.2f}x"
                         f"{f' ({min(ratios):.2f}-{max(ratios):.2f})' if len(ratios) > 1 else ''} | "
                         f"{same / max(1, total):.1%} | {sum(r.small_tokens for r in rs) / max(1, tokens):.1%} | "
                         f"{statistics.median([t for r in rs for t in r.first_token]) * 1e3:.0f} ms | "
