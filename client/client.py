@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
@@ -14,11 +15,32 @@ MODE_NAMES = {"bild": bild_pb2.DECODING_MODE_BILD, "exact": bild_pb2.DECODING_MO
 
 
 class BildClient:
-    """`async with BildClient("127.0.0.1:50051") as c: async for piece in c.generate("Hi"): ...`"""
+    """`async with BildClient("127.0.0.1:50051") as c: async for piece in c.generate("Hi"): ...`
 
-    def __init__(self, target: str = "127.0.0.1:50051") -> None:
+    `tls=True` (implied by any of the PEM files) connects over TLS, trusting the system's roots or
+    `ca_cert`; `client_cert`/`client_key` answer a server that asks for client certificates;
+    `api_key` is sent as `authorization: Bearer <key>` with every call.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        tls: bool = False,
+        ca_cert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        api_key: str | None = None,
+        options: list[tuple[str, object]] | None = None,
+    ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target)
+        if tls or ca_cert or client_cert:
+            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+            credentials = grpc.ssl_channel_credentials(read(ca_cert), read(client_key), read(client_cert))
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = bild_pb2_grpc.GeneratorStub(self._channel)
 
     async def __aenter__(self) -> BildClient:
@@ -80,7 +102,7 @@ class BildClient:
         ):
             if value is not None:
                 setattr(request, field, value)
-        call = self._stub.Generate(request, timeout=timeout)
+        call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield response
@@ -97,4 +119,4 @@ class BildClient:
         return "".join(text), ids, last
 
     async def model_info(self, timeout: float | None = None) -> bild_pb2.ModelInfo:
-        return await self._stub.GetModelInfo(bild_pb2.GetModelInfoRequest(), timeout=timeout)
+        return await self._stub.GetModelInfo(bild_pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bild.v1 import bild_pb2, bild_pb2_grpc
+from bild.v1 import bild_pb2
 from scheduler.engine import Engine, EngineConfig
 from scheduler.pair import ModelPair
 from server.metrics import Metrics
 from server.reflection import enable_reflection
-from server.service import GeneratorService, ServiceConfig
+from server.security import ApiKeyInterceptor, SecurityConfig
+from server.service import GeneratorService, ServiceConfig, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,15 @@ class ServerHandle:
         await self.set_serving(True)
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
 
-    async def drain(self, grace: float) -> None:
-        """Refuse new calls, let streams in flight finish within `grace` seconds, stop the engine."""
+    async def drain(self, grace: float, delay: float = 0.0) -> None:
+        """Stop serving: health turns NOT_SERVING at once, while for `delay` seconds the port stays
+        open and new calls get UNAVAILABLE (so a load balancer that polls health sees the replica go,
+        rather than refused connections); then streams in flight get `grace` seconds to finish."""
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and no later set() undoes it
-        stopping = asyncio.create_task(self.server.stop(grace))  # refuses new calls at once
+        self.service.draining = True
+        if delay > 0:
+            await asyncio.sleep(delay)
+        stopping = asyncio.create_task(self.server.stop(grace))  # refuses new connections and calls
         try:
             await asyncio.wait_for(self.service.wait_idle(), grace)
         except asyncio.TimeoutError:
@@ -73,19 +79,23 @@ class ServerHandle:
 
 
 async def create_server(
-    host: str, port: int, service_config: ServiceConfig, metrics_port: int | None = None
+    host: str, port: int, service_config: ServiceConfig, metrics_port: int | None = None,
+    security: SecurityConfig = SecurityConfig(),
 ) -> ServerHandle:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    interceptors = [ApiKeyInterceptor(security.api_keys)] if security.api_keys else []
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     metrics = None
     if metrics_port is not None:
         metrics = Metrics(lambda: service.engine)
         metrics.serve(host, metrics_port)
     service = GeneratorService(service_config, metrics)
-    bild_pb2_grpc.add_GeneratorServicer_to_server(service, server)
+    add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = security.server_credentials()
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     handle = ServerHandle(server, bound, service, health_servicer)
@@ -102,19 +112,23 @@ async def serve(
     load_pair: Callable[[], ModelPair],
     grace: float,
     metrics_port: int | None = None,
+    drain_delay: float = 0.0,
+    security: SecurityConfig = SecurityConfig(),
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain; return the process's exit code.
 
     If the engine process dies, health turns NOT_SERVING, its streams have already ended with an
     error, and the exit code is 1, so that a supervisor restarts the server.
     """
-    handle = await create_server(host, port, service_config, metrics_port)
-    log.info("listening on %s:%d; loading models", host, handle.port)
+    handle = await create_server(host, port, service_config, metrics_port, security)
+    log.info("listening on %s:%d%s%s; loading models", host, handle.port, " with TLS" if security.tls_cert else "",
+             f", {len(security.api_keys)} API key(s)" if security.api_keys else "")
     stop = asyncio.Event()
     failed: list[str] = []
+    received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (received.append(sig), stop.set()))
 
     def on_failure(message: str) -> None:  # on the engine's reader thread
         failed.append(message)
@@ -127,11 +141,15 @@ async def serve(
         await handle.server.stop(0)
         raise loader.exception()
     await stopped
+    # An orchestrator's SIGTERM gets the drain delay, for its load balancers to see NOT_SERVING;
+    # a person's Ctrl-C (SIGINT) and a dead engine do not wait for that.
+    delay = drain_delay if received[:1] == [signal.SIGTERM] and not failed else 0.0
     if failed:
         log.error("%s: draining and exiting with code 1", failed[0])
     else:
-        log.info("signal received: draining for up to %.0fs", grace)
+        log.info("%s received: NOT_SERVING; new calls turned away for %.0fs, then %.0fs for streams in flight",
+                 received[0].name if received else "signal", delay, grace)
     loader.cancel()
-    await handle.drain(grace)
+    await handle.drain(grace, delay)
     log.info("stopped")
     return 1 if failed else 0

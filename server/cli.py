@@ -20,6 +20,7 @@ from scheduler.request import (
     SamplingParams,
 )
 from server.app import serve
+from server.security import SecurityConfig, read_api_keys
 from server.service import ServiceConfig
 
 
@@ -34,8 +35,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     net.add_argument("--port", type=int, default=50051, help="(default: %(default)s; 0 picks a free port)")
+    sec = p.add_argument_group("security (a non-loopback --host needs TLS or an API key, or --insecure)")
+    sec.add_argument("--tls-cert", default="", help="PEM certificate chain: serve over TLS")
+    sec.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    sec.add_argument("--tls-client-ca", default="", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    sec.add_argument("--api-key", action="append", default=[],
+                     help="accept Generator calls with metadata 'authorization: Bearer KEY' only (repeatable; health and "
+                          "reflection stay open)")
+    sec.add_argument("--api-key-file", action="append", default=[], help="a file of API keys, one per line (repeatable)")
+    sec.add_argument("--insecure", action="store_true", help="serve a non-loopback address without TLS or keys")
     net.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (default: off)")
-    net.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get to finish on SIGTERM (default: %(default)s)")
+    net.add_argument("--drain-delay", type=float, default=5.0,
+                     help="on SIGTERM, seconds health reports NOT_SERVING with the port still open (new calls get "
+                          "UNAVAILABLE) before the server stops taking connections, so that load balancers move "
+                          "traffic away first (default: %(default)s; SIGINT does not wait)")
+    net.add_argument("--grace", type=float, default=30.0, help="then, seconds in-flight streams get to finish (default: %(default)s)")
     policy = p.add_argument_group("decoding defaults (a request may override them)")
     policy.add_argument("--mode", default=Mode.BILD.value, choices=[m.value for m in Mode], help="(default: %(default)s)")
     policy.add_argument("--fallback-threshold", type=float, default=DEFAULT_FALLBACK_THRESHOLD, help="(default: %(default)s)")
@@ -80,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         defaults.validate()
+        security = SecurityConfig(args.tls_cert, args.tls_key, args.tls_client_ca,
+                                  read_api_keys(args.api_key, args.api_key_file), args.insecure)
+        security.check(args.host)
+        if args.drain_delay < 0 or args.grace < 0:
+            raise ValueError("--drain-delay and --grace must be 0 or more")
         if not 1 <= args.max_new_tokens <= args.max_new_tokens_limit:
             raise ValueError("--max-new-tokens must be at least 1 and at most --max-new-tokens-limit")
         engine_config = EngineConfig(
@@ -90,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             max_prefill_tokens=args.max_prefill_tokens,
             cost_profile=args.cost_profile,
         )
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         raise SystemExit(f"bild-server: {error}") from None
     service_config = ServiceConfig(
         default_mode=mode,
@@ -106,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = functools.partial(load_pair, args.large, small, args.device, args.dtype)  # runs in the engine process
     try:
-        code = uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace, args.metrics_port))
+        code = uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace,
+                                args.metrics_port, args.drain_delay, security))
     except EngineFailed as error:
         raise SystemExit(f"bild-server: {error}") from None
     raise SystemExit(code)

@@ -61,6 +61,44 @@ class InvalidRequest(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Unparsable:
+    """A request whose bytes are not the message the method takes (invalid UTF-8, wrong wire types)."""
+
+    error: str
+
+
+def _tolerant(parse):
+    """A deserializer that hands the handler an Unparsable instead of failing the call with UNKNOWN."""
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as error:  # protobuf's DecodeError, whatever the backend raises
+            return Unparsable(str(error) or type(error).__name__)
+
+    return deserialize
+
+
+def add_to_server(service: GeneratorService, server: grpc.aio.Server) -> None:
+    """Register the Generator service as the generated code does, with requests that may not parse."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate,
+            request_deserializer=_tolerant(bild_pb2.GenerateRequest.FromString),
+            response_serializer=bild_pb2.GenerateResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo,
+            request_deserializer=_tolerant(bild_pb2.GetModelInfoRequest.FromString),
+            response_serializer=bild_pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    name = bild_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 @dataclass
 class CallRecord:
     """What one Generate call came to, for metrics and the log."""
@@ -79,6 +117,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.draining = False  # shutting down: new calls are turned away, calls in flight finish
 
     def attach(self, engine: Engine, tokenizer: PreTrainedTokenizerBase) -> None:
         self.engine, self.tokenizer = engine, tokenizer
@@ -196,6 +235,12 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
 
     async def _generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
                         record: CallRecord):
+        if isinstance(request, Unparsable):
+            await self._abort(context, record, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid bild.v1.GenerateRequest: {request.error}")
+        if self.draining:
+            await self._abort(context, record, grpc.StatusCode.UNAVAILABLE,
+                              "the server is shutting down; retry on another replica")
         if self.engine is None:
             await self._abort(context, record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
         started = time.monotonic()
@@ -242,6 +287,9 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         )
 
     async def GetModelInfo(self, request: bild_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
+        if isinstance(request, Unparsable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid bild.v1.GetModelInfoRequest: {request.error}")
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
         config, engine = self.config, self.engine

@@ -1,12 +1,15 @@
-"""Health transitions and graceful shutdown of a real bild-server on the real SmolLM2 model."""
+"""Health transitions, draining and engine failure of real bild-server processes (SmolLM2 and tiny models)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
+from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bild.v1 import bild_pb2
@@ -60,5 +63,71 @@ def test_health_while_loading_serving_and_draining_then_exit_0():
         assert server.proc.wait(60) == 0
         watcher.join(30)
         assert statuses[0] == SERVING and NOT_SERVING in statuses
+    finally:
+        server.stop()
+
+
+def test_sigterm_turns_health_not_serving_while_the_port_stays_open_then_drains(tiny_dirs):
+    """A load balancer that polls health sees NOT_SERVING (not a refused connection) for the drain
+    delay; new calls meanwhile get UNAVAILABLE; the stream in flight finishes; the process exits 0."""
+    server = start_server("--large", tiny_dirs["large"], "--no-small", "--drain-delay", "3", "--grace", "60")
+    try:
+        server.wait_serving()
+
+        async def scenario():
+            async with BildClient(server.target) as client:
+                stream = client.generate("drain me", max_new_tokens=200, mode="large", ignore_eos=True)
+                first = await stream.__anext__()
+                server.proc.send_signal(signal.SIGTERM)
+                statuses = []
+                for _ in range(10):  # within the 3 s delay
+                    await asyncio.sleep(0.1)
+                    statuses.append(await asyncio.to_thread(server.health))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.complete("a new call", max_new_tokens=4)
+                rest = [r async for r in stream]
+                return first, rest, statuses, refused.value
+
+        first, rest, statuses, refused = asyncio.run(scenario())
+        assert set(statuses) == {NOT_SERVING}
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.details()
+        assert rest[-1].finish_reason == bild_pb2.FINISH_REASON_LENGTH
+        assert sum(len(r.token_ids) for r in [first, *rest]) == 200
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            pass  # a process that just exited
+    return found
+
+
+def test_when_the_engine_process_dies_streams_fail_and_the_server_exits_1(tiny_dirs):
+    server = start_server("--large", tiny_dirs["large"], "--no-small", "--drain-delay", "0")
+    try:
+        server.wait_serving()
+        engine = next(pid for pid in children(server.proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes())
+
+        async def scenario():
+            async with BildClient(server.target) as client:
+                stream = client.generate("doomed", max_new_tokens=400, mode="large", ignore_eos=True)
+                await stream.__anext__()
+                os.kill(engine, signal.SIGKILL)
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    async for _ in stream:
+                        pass
+                return error.value
+
+        error = asyncio.run(scenario())
+        assert error.code() == grpc.StatusCode.INTERNAL and "engine process died" in error.details()
+        assert server.proc.wait(60) == 1
+        assert any("engine process died" in line for line in server.log)
     finally:
         server.stop()

@@ -343,3 +343,27 @@ def test_default_max_new_tokens_is_cut_to_the_room_left(server, tokenizer):
         prompt += "word "
     text, ids, last = complete(server.target, prompt, mode="large", ignore_eos=True)
     assert last.stats.prompt_tokens >= 470 and len(ids) == 512 - last.stats.prompt_tokens
+
+
+@pytest.mark.parametrize("raw, what", [
+    (b"\x0a\x02\xff\xfe", "invalid UTF-8 in prompt"),
+    (b"\x0a\x05ab", "a length past the end"),
+    (b"\x18\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", "a varint of 11 bytes"),
+])
+def test_a_request_that_does_not_parse_gets_invalid_argument(server, raw, what):
+    with grpc.insecure_channel(server.target) as channel:
+        call = channel.unary_stream("/bild.v1.Generator/Generate", request_serializer=lambda b: b,
+                                    response_deserializer=bild_pb2.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as error:
+            list(call(raw, timeout=30))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+        assert "not a valid bild.v1.GenerateRequest" in error.value.details()
+        # GetModelInfoRequest has no fields: a string field 1 is an unknown field it keeps, not an error.
+        if what != "invalid UTF-8 in prompt":
+            info = channel.unary_unary("/bild.v1.Generator/GetModelInfo", request_serializer=lambda b: b,
+                                       response_deserializer=bild_pb2.ModelInfo.FromString)
+            with pytest.raises(grpc.RpcError) as error:
+                info(raw, timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The server is unharmed.
+    assert complete(server.target, "still here", max_new_tokens=4)[1]

@@ -1,0 +1,130 @@
+"""TLS, mutual TLS and API keys, against real servers on loopback with certificates made here."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import BildClient
+from tests.server_util import start_server
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, all from that CA."""
+    d = tmp_path_factory.mktemp("certs")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=bild test CA", cwd=d)
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=bild test {name}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)
+    return {name: str(d / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def generate(target: str, **client_options) -> list[int]:
+    async def go():
+        async with BildClient(target, **client_options) as client:
+            return (await client.complete("secure", max_new_tokens=4, mode="large"))[1]
+
+    return asyncio.run(go())
+
+
+def test_api_keys_guard_the_generator_but_not_health(tiny_dirs, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# one key per line\nsecond-key\n")
+    server = start_server("--large", tiny_dirs["large"], "--no-small", "--api-key", "first-key",
+                          "--api-key-file", str(keys))
+    try:
+        server.wait_serving()  # health needs no key
+        for key in (None, "wrong-key", "first-key-but-longer"):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                generate(server.target, api_key=key)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer" in error.value.details()
+        assert len(generate(server.target, api_key="first-key")) == 4
+        assert len(generate(server.target, api_key="second-key")) == 4
+        out = subprocess.run([sys.executable, "-m", "client.cli", "hi", "--port", str(server.port), "--mode", "large",
+                              "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "BILD_API_KEY": "second-key"})
+        assert out.returncode == 0, out.stderr
+    finally:
+        assert server.stop() == 0
+
+
+def test_tls_and_mutual_tls(tiny_dirs, certs):
+    server = start_server("--large", tiny_dirs["large"], "--no-small", "--tls-cert", certs["server.pem"],
+                          "--tls-key", certs["server.key"])
+    try:
+        creds = grpc.ssl_channel_credentials(Path(certs["ca.pem"]).read_bytes())
+        with grpc.secure_channel(server.target, creds) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for _ in range(600):
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        assert len(generate(server.target, ca_cert=certs["ca.pem"])) == 4
+        with pytest.raises(grpc.aio.AioRpcError) as error:  # plaintext to a TLS port
+            generate(server.target)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert server.stop() == 0
+
+    server = start_server("--large", tiny_dirs["large"], "--no-small", "--tls-cert", certs["server.pem"],
+                          "--tls-key", certs["server.key"], "--tls-client-ca", certs["ca.pem"])
+    try:
+        tls = dict(ca_cert=certs["ca.pem"])
+        mutual = dict(tls, client_cert=certs["client.pem"], client_key=certs["client.key"])
+        for _ in range(600):
+            try:
+                assert len(generate(server.target, **mutual)) == 4
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or "loading" not in error.details():
+                    raise
+                time.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as error:  # no client certificate
+            generate(server.target, **tls)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        out = subprocess.run([sys.executable, "-m", "client.cli", "hi", "--port", str(server.port), "--mode", "large",
+                              "--max-new-tokens", "3", "--ca-cert", certs["ca.pem"], "--client-cert",
+                              certs["client.pem"], "--client-key", certs["client.key"]],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("extra, refused", [
+    ([], True),
+    (["--insecure"], False),
+    (["--api-key", "k"], False),
+    (["--tls-cert", "missing.pem"], True),
+])
+def test_a_public_address_needs_tls_or_a_key(extra, refused):
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--host", "0.0.0.0", "--port", "0", "--no-small",
+                          "--large", "/nonexistent-model", *extra], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    if refused:
+        assert "bild-server:" in out.stderr and ("refusing to serve" in out.stderr or "go together" in out.stderr)
+    else:  # it got as far as loading the (missing) model
+        assert "refusing" not in out.stderr
