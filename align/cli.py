@@ -1,7 +1,10 @@
 """`bild-align`: make a BiLD small model agree with a large one (prediction alignment).
 
 Steps, each resumable (rerun the same command after an interruption and it continues):
-1. the large model's greedy continuations of held-out prompts (for evaluation only);
+0. optionally (--magpie, --magpie-eval), user turns the large model writes itself (align/magpie.py):
+   training prompts beside the template prompts of align/prompts.py, and evaluation prompts;
+1. the large model's greedy continuations of prompts for evaluation only: held-out template prompts,
+   the Magpie evaluation prompts, and hand-written chat conversations (--chat-prompts);
 2. the large model's continuations of training prompts (greedy, optionally also sampled), with its
    top-k log-probs, in shards under --work-dir;
 3. training of the small model (created from architecture flags, or continued from --small), with
@@ -9,7 +12,7 @@ Steps, each resumable (rerun the same command after an interruption and it conti
 4. optionally (--onpolicy-minutes), on-policy data: the trained small model writes greedy
    continuations of the training prompts and the large model labels them (align/label.py, about
    1.9x the tokens per minute of step 2), then training continues on all the data;
-5. the held-out figures (agreement, cost per token vs the large model), written to
+5. the figures (agreement on each evaluation set, cost per token vs the large model), written to
    --out/alignment.json.
 """
 
@@ -29,12 +32,24 @@ import torch
 
 from align.evaluate import agreement, cost
 from align.generate import GenSettings, generate_shards, load_shards
+from align.magpie import EVAL_POOL, MagpieSettings, magpie_sets, write_prompts
 from align.model import SmallArch, create_small, save_small
-from align.prompts import split_prompts
+from align.prompts import Prompt, digest, read_chat_prompts, split_prompts
 from align.train import TrainSettings, predicted_vocab, train
 from scheduler import output_vocab
 
 log = logging.getLogger("bild.align")
+
+# Written for benchmarks, never part of any training prompt: the fairest test of a draft at hand.
+CHAT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "chat.jsonl"
+
+
+def greedy_records(large, tokenizer, large_spec: str, work_dir: Path, prompts: list[Prompt], split: str,
+                   settings: GenSettings) -> list[dict]:
+    """The large model's greedy continuations of `prompts` (generated once), for evaluation."""
+    data_dir = work_dir / "data" / settings.key(large_spec, split)
+    generate_shards(large, tokenizer, prompts, data_dir, settings, desc=f"{split} data")
+    return load_shards(data_dir)
 
 
 def heldout_records(large, tokenizer, large_spec: str, work_dir: Path, n_prompts: int, seed: int,
@@ -42,10 +57,28 @@ def heldout_records(large, tokenizer, large_spec: str, work_dir: Path, n_prompts
     """The large model's greedy continuations of the first n held-out prompts (generated once)."""
     settings = replace(settings or GenSettings(), sampled=False, seed=seed)
     _, held = split_prompts(seed)
-    held = held[:n_prompts]
-    data_dir = work_dir / "data" / settings.key(large_spec, f"heldout{n_prompts}")
-    generate_shards(large, tokenizer, held, data_dir, settings, desc="held-out data")
-    return load_shards(data_dir)
+    return greedy_records(large, tokenizer, large_spec, work_dir, held[:n_prompts], f"heldout{n_prompts}", settings)
+
+
+def eval_records(large, tokenizer, large_spec: str, work_dir: Path, prompts: list[Prompt], name: str,
+                 settings: GenSettings | None = None) -> list[dict]:
+    """The same for another evaluation set, cached under its contents (the seed plays no part)."""
+    settings = replace(settings or GenSettings(), sampled=False, seed=0)
+    split = f"{name}{len(prompts)}-{digest(prompts)}"
+    return greedy_records(large, tokenizer, large_spec, work_dir, prompts, split, settings)
+
+
+def evaluation_sets(large, tokenizer, large_spec: str, work_dir: Path, magpie_eval: list[Prompt], chat_path: str,
+                    settings: GenSettings | None = None) -> dict[str, list[dict]]:
+    """Greedy continuations of the Magpie evaluation prompts and of the chat conversations in
+    `chat_path` ("": none), by name, for those there are."""
+    sets = {}
+    if magpie_eval:
+        sets["magpie"] = eval_records(large, tokenizer, large_spec, work_dir, magpie_eval, "magpie-eval", settings)
+    if chat_path:
+        chats = read_chat_prompts(Path(chat_path))
+        sets["chat"] = eval_records(large, tokenizer, large_spec, work_dir, chats, "chat", settings)
+    return sets
 
 
 def training_run(work_dir: Path, signature: dict) -> tuple[str, Path]:
@@ -83,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sampled", type=int, default=0, help="sampled continuations per prompt (after the greedy ones)")
     d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--gen-minutes", type=float, default=None, help="budget for generating training data")
+    m = p.add_argument_group("prompts the large model writes (Magpie) and other evaluation sets")
+    m.add_argument("--magpie", type=int, default=0,
+                   help="training prompts the large model writes itself, continued (like the template prompts, after them "
+                        "and within --gen-minutes; writing them is not counted there) and trained on beside them (0: none)")
+    m.add_argument("--magpie-eval", type=int, default=0,
+                   help="Magpie evaluation prompts to report agreement on: the first of the --magpie-pool")
+    m.add_argument("--magpie-pool", type=int, default=EVAL_POOL,
+                   help="Magpie prompts set aside for evaluation, which training prompts never repeat; keep it fixed, "
+                        "or the training prompts change")
+    m.add_argument("--chat-prompts", default=str(CHAT_PROMPTS) if CHAT_PROMPTS.is_file() else "",
+                   help="chat conversations (JSON lines of {\"messages\": [...]}, each ending with a user turn) to report "
+                        "agreement on (default: bench/chat.jsonl; '': none)")
+    m.add_argument("--prompts-only", action="store_true",
+                   help="write the Magpie prompts (--work-dir/magpie/train.jsonl and eval.jsonl) and stop")
     t = p.add_argument_group("training")
     t.add_argument("--train-steps", type=int, default=None)
     t.add_argument("--train-minutes", type=float, default=None, help="budget (default when no steps: 30)")
@@ -114,6 +161,7 @@ def apply_smoke(args: argparse.Namespace) -> None:
     """Sizes that exercise every step in well under two minutes."""
     args.num_prompts = min(args.num_prompts or 16, 16)
     args.eval_prompts = min(args.eval_prompts, 4)
+    args.magpie, args.magpie_eval, args.magpie_pool = min(args.magpie, 16), min(args.magpie_eval, 4), min(args.magpie_pool, 8)
     args.max_new_tokens = min(args.max_new_tokens, 8)
     args.gen_batch_size, args.shard_prompts = 8, 8
     args.hidden_size, args.layers, args.heads, args.kv_heads, args.intermediate_size = 64, 1, 2, 1, 128
@@ -136,25 +184,42 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     started = time.time()
 
     large, tokenizer = load_causal_lm(args.large)
+    magpie = MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts) if args.smoke else MagpieSettings()
+    magpie_train, magpie_eval = magpie_sets(large, tokenizer, args.large, work, args.magpie, args.magpie_eval, args.seed,
+                                            args.magpie_pool, magpie)
+    written = {}  # for people to read: the pipeline itself keeps them in memory
+    for name, prompts in (("train", magpie_train), ("eval", magpie_eval)):
+        if prompts:
+            path = work / "magpie" / f"{name}.jsonl"
+            write_prompts(path, prompts)
+            written[name] = {"prompts": len(prompts), "file": str(path)}
+    if args.prompts_only:
+        return {"magpie_prompts": written}
+
     gen = GenSettings(max_new_tokens=args.max_new_tokens, topk=args.topk, batch_size=args.gen_batch_size,
                       shard_prompts=args.shard_prompts, temperature=args.temperature, seed=args.seed)
     held = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed, gen)
+    evals = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts, gen)
 
     train_prompts, _ = split_prompts(args.seed)
     train_prompts = train_prompts[: args.num_prompts] if args.num_prompts else train_prompts
+    prompt_sets = [("train", train_prompts)]
+    if magpie_train:  # a split of its own, under its contents: its caches never meet the template prompts'
+        prompt_sets.append((f"train-magpie{len(magpie_train)}-{digest(magpie_train)}", magpie_train))
     budget = args.gen_minutes * 60 if args.gen_minutes is not None else None
     sources: list[tuple[str, int]] = []  # (data key, complete shards) that training reads
     records: list[dict] = []
     kinds = ([] if args.no_greedy else [replace(gen, sampled=False)]) + [
         replace(gen, sampled=True, seed=args.seed + 1 + i) for i in range(args.sampled)]
     for kind in kinds:
-        key = kind.key(args.large, "train")
-        spent_before = sum(json.loads(f.read_text())["seconds"] for f in (work / "data").glob("train-*/spent.json")
-                           if f.parent.name != key and "-onpolicy-" not in f.parent.name)  # one budget over the large model's data
-        left = None if budget is None else max(budget - spent_before, 0.0)
-        n = generate_shards(large, tokenizer, train_prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:13]}")
-        sources.append((key, n))
-        records += load_shards(work / "data" / key, n)
+        for split, prompts in prompt_sets:
+            key = kind.key(args.large, split)
+            spent_before = sum(json.loads(f.read_text())["seconds"] for f in (work / "data").glob("train-*/spent.json")
+                               if f.parent.name != key and "-onpolicy-" not in f.parent.name)  # one budget over the large model's data
+            left = None if budget is None else max(budget - spent_before, 0.0)
+            n = generate_shards(large, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}")
+            sources.append((key, n))
+            records += load_shards(work / "data" / key, n)
     n_tokens = sum(r["cont_ids"].numel() for r in records)
     log.info("training data: %d continuations, %d tokens", len(records), n_tokens)
 
@@ -184,10 +249,12 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
                             small.config.eos_token_id, small.config.bos_token_id) if isinstance(i, int)]
     vocab_ids = predicted_vocab(records, specials)
     info = {"large": args.large, "origin": origin, "train_settings": asdict(settings), "gen_settings": asdict(gen),
-            "train_continuations": len(records), "train_tokens": n_tokens, "sampled_per_prompt": args.sampled}
+            "train_continuations": len(records), "train_tokens": n_tokens, "sampled_per_prompt": args.sampled,
+            "magpie_train_prompts": len(magpie_train), "magpie_eval_prompts": len(magpie_eval)}
 
     def on_eval(model, step: int) -> dict:
-        return {"heldout_agreement": agreement(model, held)["agreement"]}
+        return {"heldout_agreement": agreement(model, held)["agreement"],
+                **{f"{name}_agreement": agreement(model, recs)["agreement"] for name, recs in evals.items()}}
 
     def on_checkpoint(model, step: int) -> None:
         # Ship what we have, so a later failure still leaves a usable model in --out; but never
@@ -231,11 +298,12 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         if summary.get("interrupted"):
             return summary
         summary["history"] = first_history + [{**h, "stage": 2} for h in summary.get("history") or []]
-    figures = {"agreement": agreement(small, held)}
+    figures = {"agreement": agreement(small, held), **{name: agreement(small, recs) for name, recs in evals.items()}}
     if not args.no_cost:
         figures["cost"] = cost(small, large, held, n_prompts=2 if args.smoke else 6, new_tokens=8 if args.smoke else 32,
                                vocab_ids=vocab_ids)
     info.update(final=True, step=summary["step"], heldout_agreement=figures["agreement"]["agreement"],
+                **{f"{name}_agreement": figures[name]["agreement"] for name in evals},
                 train_minutes=summary.get("minutes"), history=summary.get("history"), heldout=figures,
                 total_minutes=round((time.time() - started) / 60, 1))
     size = save_small(small, tokenizer, out, info=info, vocab_ids=vocab_ids)
@@ -248,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
     result = run(args)
-    print(json.dumps({k: result[k] for k in ("out", "bytes", "heldout") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("out", "bytes", "heldout", "magpie_prompts") if k in result}, indent=1))
 
 
 if __name__ == "__main__":

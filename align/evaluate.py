@@ -2,13 +2,17 @@
 
 - agreement: top-1 agreement of the small model with the large model along the large model's
   greedy continuations of held-out prompts (teacher forcing: each position sees the large model's
-  own prefix), overall, per prompt family, and how much of it a confidence threshold keeps.
+  own prefix), overall, per prompt family, and how much of it a confidence threshold keeps. It is
+  reported on up to three sets: the held-out template prompts (`agreement`), which resemble the
+  training prompts closely; user turns the large model wrote itself (`magpie`, align/magpie.py),
+  which no training prompt repeats; and hand-written chat conversations (`chat`, bench/chat.jsonl),
+  independent of anything the alignment made.
 - cost: milliseconds per generated token at batch 1, float32, for both models on the same prompts,
   and their ratio: in a plain transformers loop with a KV cache (`transformers`), and in bild's own
   runner (`bild`: its CPU kernels, and only the tokens of output_vocab.json for the small model),
   which is what a server pays.
 
-Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct] [--write]
+Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct] [--magpie-eval 300] [--write]
 """
 
 from __future__ import annotations
@@ -140,13 +144,18 @@ def _timed(ms: Callable[[PreTrainedModel, list[int]], float], small: PreTrainedM
 
 
 def main(argv: list[str] | None = None) -> None:
-    from align.cli import heldout_records  # the CLI owns the data layout
+    from align.cli import CHAT_PROMPTS, evaluation_sets, heldout_records  # the CLI owns the data layout
+    from align.magpie import EVAL_POOL, magpie_sets
 
     parser = argparse.ArgumentParser(description="Held-out agreement and cost of a BiLD small model.")
     parser.add_argument("--small", required=True, help="small model directory")
     parser.add_argument("--large", default="smollm2-135m-instruct", help="large model spec (alias, GGUF, dir or hub id)")
     parser.add_argument("--work-dir", default="align-work", help="where held-out continuations are cached (as bild-align --work-dir)")
     parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--magpie-eval", type=int, default=0, help="Magpie evaluation prompts (as bild-align --magpie-eval)")
+    parser.add_argument("--magpie-pool", type=int, default=EVAL_POOL, help="as bild-align --magpie-pool")
+    parser.add_argument("--chat-prompts", default=str(CHAT_PROMPTS) if CHAT_PROMPTS.is_file() else "",
+                        help="chat conversations to evaluate on, as bild-align --chat-prompts ('': none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cost", action="store_true", help="skip the timing")
     parser.add_argument("--write", action="store_true", help="also update the figures in the small model's alignment.json")
@@ -156,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     from scheduler.loading import load_causal_lm
 
     large, tokenizer = load_causal_lm(args.large)
-    records = heldout_records(large, tokenizer, args.large, Path(args.work_dir), args.eval_prompts, args.seed)
+    work = Path(args.work_dir)
+    records = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed)
+    _, magpie_eval = magpie_sets(large, tokenizer, args.large, work, 0, args.magpie_eval, pool=args.magpie_pool)
+    sets = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts)
     small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32).eval()
-    report = {"agreement": agreement(small, records)}
+    report = {"agreement": agreement(small, records), **{name: agreement(small, recs) for name, recs in sets.items()}}
     if not args.no_cost:
         report["cost"] = cost(small, large, records, vocab_ids=output_vocab.load(Path(args.small)))
     print(json.dumps(report, indent=1))
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         info = json.loads(path.read_text()) if path.is_file() else {}
         info["heldout"] = {**info.get("heldout", {}), **report}
         info["heldout_agreement"] = report["agreement"]["agreement"]
+        info.update({f"{name}_agreement": report[name]["agreement"] for name in sets})
         path.write_text(json.dumps(info, indent=1, sort_keys=True))
 
 

@@ -22,7 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from align.cpu import governor
 from align.label import label_records
-from align.prompts import Prompt
+from align.prompts import Context, Prompt
+from scheduler.logprobs import TokenLogprob
 from scheduler.model_runner import CausalLMRunner
 from scheduler.request import Mode, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -54,16 +55,21 @@ class GenSettings:
         return f"{split}-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def render(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
-    """A user turn in the tokenizer's chat template, ready for the assistant's answer."""
-    messages = [{"role": "user", "content": text}]
+def render(tokenizer: PreTrainedTokenizerBase, text: str, context: Context = ()) -> str:
+    """A user turn, after the (role, content) turns of `context`, in the tokenizer's chat template,
+    ready for the assistant's answer."""
+    messages = [{"role": role, "content": content} for role, content in context] + [{"role": "user", "content": text}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text + "\n"  # a tokenizer without a template (test fixtures): plain text
+    return "".join(m["content"] + "\n" for m in messages)  # a tokenizer without a template (test fixtures): plain text
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     return [tokenizer(render(tokenizer, t), add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def encode_conversations(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> list[list[int]]:
+    return [tokenizer(render(tokenizer, p.text, p.context), add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def make_scheduler(model: PreTrainedModel, settings: GenSettings, max_prompt: int, eos_id: int) -> Scheduler:
@@ -73,6 +79,20 @@ def make_scheduler(model: PreTrainedModel, settings: GenSettings, max_prompt: in
     config = SchedulerConfig(max_num_seqs=settings.batch_size, max_num_tokens=settings.batch_size * max_len,
                              max_seq_len=max_len)
     return Scheduler(None, CausalLMRunner(model, settings.batch_size, max_len), config, {eos_id})
+
+
+def complete(scheduler: Scheduler, requests: list[Request]) -> tuple[dict[str, list[int]], dict[str, list[TokenLogprob]]]:
+    """Run the requests to their end; per request id, the tokens and (where asked for) log-probs."""
+    for r in requests:
+        scheduler.add(r)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    logprobs: dict[str, list[TokenLogprob]] = {r.request_id: [] for r in requests}
+    while scheduler.has_work():
+        governor().poll()  # adjusts torch's thread count to the cores free now
+        for out in scheduler.step():
+            tokens[out.request.request_id] += out.tokens
+            logprobs[out.request.request_id] += out.logprobs or []
+    return tokens, logprobs
 
 
 def generate_records(scheduler: Scheduler, prompt_ids: list[list[int]], settings: GenSettings, seed: int,
@@ -89,14 +109,7 @@ def generate_records(scheduler: Scheduler, prompt_ids: list[list[int]], settings
             temperature=settings.temperature if settings.sampled else 0.0, seed=seed + i,
         )
         requests.append(Request(str(i), prompt, params))
-        scheduler.add(requests[-1])
-    tokens: dict[str, list] = {r.request_id: [] for r in requests}
-    logprobs: dict[str, list] = {r.request_id: [] for r in requests}
-    while scheduler.has_work():
-        governor().poll()  # adjusts torch's thread count to the cores free now
-        for out in scheduler.step():
-            tokens[out.request.request_id] += out.tokens
-            logprobs[out.request.request_id] += out.logprobs or []
+    tokens, logprobs = complete(scheduler, requests)
     if labeller is not None:
         records = [{"prompt_ids": torch.tensor(r.prompt, dtype=torch.int32),
                     "cont_ids": torch.tensor(tokens[r.request_id], dtype=torch.int32)} for r in requests]
@@ -145,7 +158,7 @@ def generate_shards(
     if done == n_shards:
         bar.close()
         return n_shards
-    ids = encode_prompts(tokenizer, [p.text for p in prompts])
+    ids = encode_conversations(tokenizer, prompts)
     scheduler = make_scheduler(model, settings, max(map(len, ids)), tokenizer.eos_token_id)
     tokens, started = 0, time.time()
     for index in range(n_shards):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 TOPICS = [
     "photosynthesis", "black holes", "the water cycle", "climate change", "volcanoes", "earthquakes",
@@ -181,10 +183,14 @@ SNIPPET_TEMPLATES = [
 ]
 
 
+Context = tuple[tuple[str, str], ...]  # (role, content) turns before a user turn: a system turn, earlier exchanges
+
+
 @dataclass(frozen=True)
 class Prompt:
     family: str
-    text: str
+    text: str  # the user turn the large model answers
+    context: Context = ()
 
     @property
     def held_out(self) -> bool:
@@ -239,6 +245,29 @@ def all_prompts() -> list[Prompt]:
             seen.add(p.text)
             unique.append(p)
     return unique
+
+
+def digest(prompts: list[Prompt]) -> str:
+    """A short hash of a prompt list's contents: data made from the list is cached under it."""
+    blob = json.dumps([[p.family, p.text, p.context] for p in prompts])
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def read_chat_prompts(path: Path) -> list[Prompt]:
+    """Conversations from JSON lines of {"messages": [...]}, each ending with a user turn, as
+    prompts whose family tells their shape: chat (one user turn), system or multiturn."""
+    prompts = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        *before, last = json.loads(line)["messages"]
+        if last["role"] != "user":
+            raise ValueError(f"{path}: a conversation must end with a user turn: {line[:80]}")
+        context = tuple((m["role"], m["content"]) for m in before)
+        roles = {role for role, _ in context}
+        family = "multiturn" if "assistant" in roles else "system" if "system" in roles else "chat"
+        prompts.append(Prompt(family, last["content"], context))
+    return prompts
 
 
 def split_prompts(seed: int) -> tuple[list[Prompt], list[Prompt]]:

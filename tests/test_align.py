@@ -89,6 +89,9 @@ def test_smoke_alignment_resumes_and_loads(tiny_large: Path, tmp_path: Path, cap
     assert chosen <= set(vocab) and tokenizer.eos_token_id in vocab and len(vocab) < model.config.vocab_size
     held = result["heldout"]
     assert 0.0 <= held["agreement"]["agreement"] <= 1.0 and held["agreement"]["positions"] > 0
+    # Beside it, the hand-written chat prompts of bench/; no Magpie prompts unless asked for (tests/test_magpie.py).
+    assert held["chat"]["prompts"] == 48 and 0.0 <= result["chat_agreement"] <= 1.0
+    assert "magpie" not in held and not (work / "magpie").exists()
     for where in ("transformers", "bild"):
         assert held["cost"][where]["small_ms"] > 0 and held["cost"][where]["large_ms"] > 0
 
