@@ -10,8 +10,8 @@ Steps, each resumable (rerun the same command after an interruption and it conti
 3. training of the small model (created from architecture flags, or continued from --small), with
    checkpoints under --work-dir, each also saved to --out so a usable model exists early;
 4. optionally (--onpolicy-minutes), on-policy data: the trained small model writes greedy
-   continuations of the training prompts and the large model labels them (align/label.py, about
-   1.9x the tokens per minute of step 2), then training continues on all the data;
+   continuations of the training prompts and the large model labels them (align/label.py: one
+   forward per continuation rather than one per token), then training continues on all the data;
 5. the figures (agreement on each evaluation set, cost per token vs the large model), written to
    --out/alignment.json.
 """
@@ -30,55 +30,15 @@ from pathlib import Path
 
 import torch
 
-from align.evaluate import agreement, cost
+from align.evaluate import CHAT_PROMPTS, agreement, cost, evaluation_sets, heldout_records
 from align.generate import GenSettings, generate_shards, load_shards
 from align.magpie import EVAL_POOL, MagpieSettings, magpie_sets, write_prompts
 from align.model import SmallArch, create_small, save_small
-from align.prompts import Prompt, digest, read_chat_prompts, split_prompts
+from align.prompts import digest, split_prompts
 from align.train import TrainSettings, predicted_vocab, train
 from scheduler import output_vocab
 
 log = logging.getLogger("bild.align")
-
-# Written for benchmarks, never part of any training prompt: the fairest test of a draft at hand.
-CHAT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "chat.jsonl"
-
-
-def greedy_records(large, tokenizer, large_spec: str, work_dir: Path, prompts: list[Prompt], split: str,
-                   settings: GenSettings) -> list[dict]:
-    """The large model's greedy continuations of `prompts` (generated once), for evaluation."""
-    data_dir = work_dir / "data" / settings.key(large_spec, split)
-    generate_shards(large, tokenizer, prompts, data_dir, settings, desc=f"{split} data")
-    return load_shards(data_dir)
-
-
-def heldout_records(large, tokenizer, large_spec: str, work_dir: Path, n_prompts: int, seed: int,
-                    settings: GenSettings | None = None) -> list[dict]:
-    """The large model's greedy continuations of the first n held-out prompts (generated once)."""
-    settings = replace(settings or GenSettings(), sampled=False, seed=seed)
-    _, held = split_prompts(seed)
-    return greedy_records(large, tokenizer, large_spec, work_dir, held[:n_prompts], f"heldout{n_prompts}", settings)
-
-
-def eval_records(large, tokenizer, large_spec: str, work_dir: Path, prompts: list[Prompt], name: str,
-                 settings: GenSettings | None = None) -> list[dict]:
-    """The same for another evaluation set, cached under its contents (the seed plays no part)."""
-    settings = replace(settings or GenSettings(), sampled=False, seed=0)
-    split = f"{name}{len(prompts)}-{digest(prompts)}"
-    return greedy_records(large, tokenizer, large_spec, work_dir, prompts, split, settings)
-
-
-def evaluation_sets(large, tokenizer, large_spec: str, work_dir: Path, magpie_eval: list[Prompt], chat_path: str,
-                    settings: GenSettings | None = None) -> dict[str, list[dict]]:
-    """Greedy continuations of the Magpie evaluation prompts and of the chat conversations in
-    `chat_path` ("": none), by name, for those there are."""
-    sets = {}
-    if magpie_eval:
-        sets["magpie"] = eval_records(large, tokenizer, large_spec, work_dir, magpie_eval, "magpie-eval", settings)
-    if chat_path:
-        chats = read_chat_prompts(Path(chat_path))
-        sets["chat"] = eval_records(large, tokenizer, large_spec, work_dir, chats, "chat", settings)
-    return sets
 
 
 def training_run(work_dir: Path, signature: dict) -> tuple[str, Path]:
@@ -92,9 +52,15 @@ def training_run(work_dir: Path, signature: dict) -> tuple[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bild-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--large", default="smollm2-135m-instruct", help="large model: alias, GGUF path, directory or hub id")
-    p.add_argument("--small", default=None, help="existing small model directory to continue from (else one is created)")
+    p = argparse.ArgumentParser(
+        prog="bild-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--large", default="smollm2-135m-instruct", help="large model: alias, GGUF path, directory or hub id"
+    )
+    p.add_argument(
+        "--small", default=None, help="existing small model directory to continue from (else one is created)"
+    )
     p.add_argument("--out", default=None, help="output directory (default: the repository's models/smollm2-135m-draft)")
     p.add_argument("--work-dir", default="align-work", help="data cache and checkpoints")
     p.add_argument("--seed", type=int, default=0)
@@ -117,19 +83,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--gen-minutes", type=float, default=None, help="budget for generating training data")
     m = p.add_argument_group("prompts the large model writes (Magpie) and other evaluation sets")
-    m.add_argument("--magpie", type=int, default=0,
-                   help="training prompts the large model writes itself, continued (like the template prompts, after them "
-                        "and within --gen-minutes; writing them is not counted there) and trained on beside them (0: none)")
-    m.add_argument("--magpie-eval", type=int, default=0,
-                   help="Magpie evaluation prompts to report agreement on: the first of the --magpie-pool")
-    m.add_argument("--magpie-pool", type=int, default=EVAL_POOL,
-                   help="Magpie prompts set aside for evaluation, which training prompts never repeat; keep it fixed, "
-                        "or the training prompts change")
-    m.add_argument("--chat-prompts", default=str(CHAT_PROMPTS) if CHAT_PROMPTS.is_file() else "",
-                   help="chat conversations (JSON lines of {\"messages\": [...]}, each ending with a user turn) to report "
-                        "agreement on (default: bench/chat.jsonl; '': none)")
-    m.add_argument("--prompts-only", action="store_true",
-                   help="write the Magpie prompts (--work-dir/magpie/train.jsonl and eval.jsonl) and stop")
+    m.add_argument(
+        "--magpie",
+        type=int,
+        default=0,
+        help="training prompts the large model writes itself, continued (like the template prompts, after them "
+        "and within --gen-minutes; writing them is not counted there) and trained on beside them (0: none)",
+    )
+    m.add_argument(
+        "--magpie-eval",
+        type=int,
+        default=0,
+        help="Magpie evaluation prompts to report agreement on: the first of the --magpie-pool",
+    )
+    m.add_argument(
+        "--magpie-pool",
+        type=int,
+        default=EVAL_POOL,
+        help="Magpie prompts set aside for evaluation, which training prompts never repeat; keep it fixed, "
+        "or the training prompts change",
+    )
+    m.add_argument(
+        "--chat-prompts",
+        default=str(CHAT_PROMPTS) if CHAT_PROMPTS.is_file() else "",
+        help='chat conversations (JSON lines of {"messages": [...]}, each ending with a user turn) to report '
+        "agreement on (default: bench/chat.jsonl; '': none)",
+    )
+    m.add_argument(
+        "--prompts-only",
+        action="store_true",
+        help="write the Magpie prompts (--work-dir/magpie/train.jsonl and eval.jsonl) and stop",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--train-steps", type=int, default=None)
     t.add_argument("--train-minutes", type=float, default=None, help="budget (default when no steps: 30)")
@@ -137,22 +121,48 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=float, default=TrainSettings.warmup, help="fraction of the run")
     t.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     t.add_argument("--weight-decay", type=float, default=TrainSettings.weight_decay)
-    t.add_argument("--kd-weight", type=float, default=TrainSettings.kd_weight, help="weight of distillation on top-k log-probs (0: off)")
-    t.add_argument("--vocab-topk", type=int, default=TrainSettings.vocab_topk,
-                   help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary; "
-                        "1, the tokens it chose, which are also the ones bild has the draft score)")
-    t.add_argument("--negatives", type=int, default=TrainSettings.negatives, help="other tokens sampled into each step's softmax")
-    t.add_argument("--batch-vocab", type=int, default=TrainSettings.batch_vocab,
-                   help="each step's softmax covers the batch's own top-k tokens and this many others from the training "
-                        "vocabulary (0: all of it)")
+    t.add_argument(
+        "--kd-weight",
+        type=float,
+        default=TrainSettings.kd_weight,
+        help="weight of distillation on top-k log-probs (0: off)",
+    )
+    t.add_argument(
+        "--vocab-topk",
+        type=int,
+        default=TrainSettings.vocab_topk,
+        help="train the output softmax only over tokens seen in the large model's top-k (0: full vocabulary; "
+        "1, the tokens it chose, which are also the ones bild has the draft score)",
+    )
+    t.add_argument(
+        "--negatives", type=int, default=TrainSettings.negatives, help="other tokens sampled into each step's softmax"
+    )
+    t.add_argument(
+        "--batch-vocab",
+        type=int,
+        default=TrainSettings.batch_vocab,
+        help="each step's softmax covers the batch's own top-k tokens and this many others from the training "
+        "vocabulary (0: all of it)",
+    )
     t.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
     t.add_argument("--eval-every", type=int, default=TrainSettings.eval_every)
     t.add_argument("--no-cost", action="store_true", help="skip timing the models at the end")
     o = p.add_argument_group("on-policy stage (after training)")
-    o.add_argument("--onpolicy-minutes", type=float, default=0.0,
-                   help="budget for continuations the trained small model writes and the large model labels (0: no such stage)")
-    o.add_argument("--retrain-minutes", type=float, default=None, help="training on all the data after that (default: --train-minutes)")
-    o.add_argument("--retrain-steps", type=int, default=None, help="the same as a number of steps (default: --train-steps)")
+    o.add_argument(
+        "--onpolicy-minutes",
+        type=float,
+        default=0.0,
+        help="budget for continuations the trained small model writes and the large model labels (0: no such stage)",
+    )
+    o.add_argument(
+        "--retrain-minutes",
+        type=float,
+        default=None,
+        help="training on all the data after that (default: --train-minutes)",
+    )
+    o.add_argument(
+        "--retrain-steps", type=int, default=None, help="the same as a number of steps (default: --train-steps)"
+    )
     o.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of that training (default: --lr)")
     return p
 
@@ -161,7 +171,11 @@ def apply_smoke(args: argparse.Namespace) -> None:
     """Sizes that exercise every step in well under two minutes."""
     args.num_prompts = min(args.num_prompts or 16, 16)
     args.eval_prompts = min(args.eval_prompts, 4)
-    args.magpie, args.magpie_eval, args.magpie_pool = min(args.magpie, 16), min(args.magpie_eval, 4), min(args.magpie_pool, 8)
+    args.magpie, args.magpie_eval, args.magpie_pool = (
+        min(args.magpie, 16),
+        min(args.magpie_eval, 4),
+        min(args.magpie_pool, 8),
+    )
     args.max_new_tokens = min(args.max_new_tokens, 8)
     args.gen_batch_size, args.shard_prompts = 8, 8
     args.hidden_size, args.layers, args.heads, args.kv_heads, args.intermediate_size = 64, 1, 2, 1, 128
@@ -184,9 +198,14 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     started = time.time()
 
     large, tokenizer = load_causal_lm(args.large)
-    magpie = MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts) if args.smoke else MagpieSettings()
-    magpie_train, magpie_eval = magpie_sets(large, tokenizer, args.large, work, args.magpie, args.magpie_eval, args.seed,
-                                            args.magpie_pool, magpie)
+    magpie = (
+        MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts)
+        if args.smoke
+        else MagpieSettings()
+    )
+    magpie_train, magpie_eval = magpie_sets(
+        large, tokenizer, args.large, work, args.magpie, args.magpie_eval, args.seed, args.magpie_pool, magpie
+    )
     written = {}  # for people to read: the pipeline itself keeps them in memory
     for name, prompts in (("train", magpie_train), ("eval", magpie_eval)):
         if prompts:
@@ -196,8 +215,14 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     if args.prompts_only:
         return {"magpie_prompts": written}
 
-    gen = GenSettings(max_new_tokens=args.max_new_tokens, topk=args.topk, batch_size=args.gen_batch_size,
-                      shard_prompts=args.shard_prompts, temperature=args.temperature, seed=args.seed)
+    gen = GenSettings(
+        max_new_tokens=args.max_new_tokens,
+        topk=args.topk,
+        batch_size=args.gen_batch_size,
+        shard_prompts=args.shard_prompts,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     held = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed, gen)
     evals = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts, gen)
 
@@ -210,14 +235,20 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     sources: list[tuple[str, int]] = []  # (data key, complete shards) that training reads
     records: list[dict] = []
     kinds = ([] if args.no_greedy else [replace(gen, sampled=False)]) + [
-        replace(gen, sampled=True, seed=args.seed + 1 + i) for i in range(args.sampled)]
+        replace(gen, sampled=True, seed=args.seed + 1 + i) for i in range(args.sampled)
+    ]
     for kind in kinds:
         for split, prompts in prompt_sets:
             key = kind.key(args.large, split)
-            spent_before = sum(json.loads(f.read_text())["seconds"] for f in (work / "data").glob("train-*/spent.json")
-                               if f.parent.name != key and "-onpolicy-" not in f.parent.name)  # one budget over the large model's data
+            spent_before = sum(
+                json.loads(f.read_text())["seconds"]
+                for f in (work / "data").glob("train-*/spent.json")
+                if f.parent.name != key and "-onpolicy-" not in f.parent.name
+            )  # one budget over the large model's data
             left = None if budget is None else max(budget - spent_before, 0.0)
-            n = generate_shards(large, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}")
+            n = generate_shards(
+                large, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}"
+            )
             sources.append((key, n))
             records += load_shards(work / "data" / key, n)
     n_tokens = sum(r["cont_ids"].numel() for r in records)
@@ -239,22 +270,53 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     if args.train_steps is None and args.train_minutes is None:
         args.train_minutes = 30.0
     settings = TrainSettings(
-        lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, weight_decay=args.weight_decay, kd_weight=args.kd_weight,
-        vocab_topk=args.vocab_topk, negatives=args.negatives, batch_vocab=args.batch_vocab, steps=args.train_steps,
-        minutes=args.train_minutes, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, seed=args.seed,
+        lr=args.lr,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        kd_weight=args.kd_weight,
+        vocab_topk=args.vocab_topk,
+        negatives=args.negatives,
+        batch_vocab=args.batch_vocab,
+        steps=args.train_steps,
+        minutes=args.train_minutes,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        seed=args.seed,
     )
-    run_key, ckpt = training_run(work, {"large": args.large, "data": sources, "origin": origin, "train": settings.signature()})
+    run_key, ckpt = training_run(
+        work, {"large": args.large, "data": sources, "origin": origin, "train": settings.signature()}
+    )
 
-    specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
-                            small.config.eos_token_id, small.config.bos_token_id) if isinstance(i, int)]
+    specials = [
+        i
+        for i in (
+            tokenizer.eos_token_id,
+            tokenizer.bos_token_id,
+            tokenizer.pad_token_id,
+            small.config.eos_token_id,
+            small.config.bos_token_id,
+        )
+        if isinstance(i, int)
+    ]
     vocab_ids = predicted_vocab(records, specials)
-    info = {"large": args.large, "origin": origin, "train_settings": asdict(settings), "gen_settings": asdict(gen),
-            "train_continuations": len(records), "train_tokens": n_tokens, "sampled_per_prompt": args.sampled,
-            "magpie_train_prompts": len(magpie_train), "magpie_eval_prompts": len(magpie_eval)}
+    info = {
+        "large": args.large,
+        "origin": origin,
+        "train_settings": asdict(settings),
+        "gen_settings": asdict(gen),
+        "train_continuations": len(records),
+        "train_tokens": n_tokens,
+        "sampled_per_prompt": args.sampled,
+        "magpie_train_prompts": len(magpie_train),
+        "magpie_eval_prompts": len(magpie_eval),
+    }
 
     def on_eval(model, step: int) -> dict:
-        return {"heldout_agreement": agreement(model, held)["agreement"],
-                **{f"{name}_agreement": agreement(model, recs)["agreement"] for name, recs in evals.items()}}
+        return {
+            "heldout_agreement": agreement(model, held)["agreement"],
+            **{f"{name}_agreement": agreement(model, recs)["agreement"] for name, recs in evals.items()},
+        }
 
     def on_checkpoint(model, step: int) -> None:
         # Ship what we have, so a later failure still leaves a usable model in --out; but never
@@ -263,12 +325,26 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         shipped = out / "alignment.json"
         best = json.loads(shipped.read_text()).get("heldout_agreement", -1.0) if shipped.is_file() else -1.0
         if score >= best:
-            save_small(model, tokenizer, out, info={**info, "step": step, "final": False, "heldout_agreement": score},
-                       vocab_ids=vocab_ids)
+            save_small(
+                model,
+                tokenizer,
+                out,
+                info={**info, "step": step, "final": False, "heldout_agreement": score},
+                vocab_ids=vocab_ids,
+            )
             log.info("checkpoint at step %d shipped to %s (held-out agreement %.4f)", step, out, score)
 
-    summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps,
-                    specials=specials)
+    summary = train(
+        small,
+        records,
+        settings,
+        ckpt,
+        tokenizer.pad_token_id or 0,
+        on_eval,
+        on_checkpoint,
+        stop_after_steps,
+        specials=specials,
+    )
     if summary.get("interrupted"):
         return summary
     if args.onpolicy_minutes > 0:
@@ -278,34 +354,80 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         output_vocab.install(writer, vocab_ids)
         kind = replace(gen, writer=run_key)
         key = kind.key(args.large, "train")
-        n = generate_shards(writer, tokenizer, train_prompts, work / "data" / key, kind, budget_s=args.onpolicy_minutes * 60,
-                            desc=f"on-policy {key[:14]}", labeller=large)
+        n = generate_shards(
+            writer,
+            tokenizer,
+            train_prompts,
+            work / "data" / key,
+            kind,
+            budget_s=args.onpolicy_minutes * 60,
+            desc=f"on-policy {key[:14]}",
+            labeller=large,
+        )
         del writer
         onpolicy = load_shards(work / "data" / key, n)
         records += onpolicy
         vocab_ids = predicted_vocab(records, specials)
-        info.update(onpolicy_continuations=len(onpolicy), onpolicy_tokens=sum(r["cont_ids"].numel() for r in onpolicy),
-                    train_continuations=len(records), train_tokens=sum(r["cont_ids"].numel() for r in records))
+        info.update(
+            onpolicy_continuations=len(onpolicy),
+            onpolicy_tokens=sum(r["cont_ids"].numel() for r in onpolicy),
+            train_continuations=len(records),
+            train_tokens=sum(r["cont_ids"].numel() for r in records),
+        )
         log.info("on-policy data: %d continuations, %d tokens", info["onpolicy_continuations"], info["onpolicy_tokens"])
         steps = args.retrain_steps if args.retrain_steps is not None else args.train_steps
-        minutes = None if steps is not None else args.retrain_minutes if args.retrain_minutes is not None else args.train_minutes
-        settings = replace(settings, steps=steps, minutes=minutes, lr=args.retrain_lr if args.retrain_lr is not None else args.lr)
-        run_key, ckpt = training_run(work, {"after": run_key, "data": sources + [(key, n)], "train": settings.signature()})
-        info.update(retrain_settings=asdict(settings), first_stage={"step": summary["step"], "train_minutes": summary.get("minutes")})
+        minutes = (
+            None
+            if steps is not None
+            else args.retrain_minutes
+            if args.retrain_minutes is not None
+            else args.train_minutes
+        )
+        settings = replace(
+            settings, steps=steps, minutes=minutes, lr=args.retrain_lr if args.retrain_lr is not None else args.lr
+        )
+        run_key, ckpt = training_run(
+            work, {"after": run_key, "data": [*sources, (key, n)], "train": settings.signature()}
+        )
+        info.update(
+            retrain_settings=asdict(settings),
+            first_stage={"step": summary["step"], "train_minutes": summary.get("minutes")},
+        )
         first_history = [{**h, "stage": 1} for h in summary.get("history") or []]
-        summary = train(small, records, settings, ckpt, tokenizer.pad_token_id or 0, on_eval, on_checkpoint, stop_after_steps,
-                    specials=specials)
+        summary = train(
+            small,
+            records,
+            settings,
+            ckpt,
+            tokenizer.pad_token_id or 0,
+            on_eval,
+            on_checkpoint,
+            stop_after_steps,
+            specials=specials,
+        )
         if summary.get("interrupted"):
             return summary
         summary["history"] = first_history + [{**h, "stage": 2} for h in summary.get("history") or []]
     figures = {"agreement": agreement(small, held), **{name: agreement(small, recs) for name, recs in evals.items()}}
     if not args.no_cost:
-        figures["cost"] = cost(small, large, held, n_prompts=2 if args.smoke else 6, new_tokens=8 if args.smoke else 32,
-                               vocab_ids=vocab_ids)
-    info.update(final=True, step=summary["step"], heldout_agreement=figures["agreement"]["agreement"],
-                **{f"{name}_agreement": figures[name]["agreement"] for name in evals},
-                train_minutes=summary.get("minutes"), history=summary.get("history"), heldout=figures,
-                total_minutes=round((time.time() - started) / 60, 1))
+        figures["cost"] = cost(
+            small,
+            large,
+            held,
+            n_prompts=2 if args.smoke else 6,
+            new_tokens=8 if args.smoke else 32,
+            vocab_ids=vocab_ids,
+        )
+    info.update(
+        final=True,
+        step=summary["step"],
+        heldout_agreement=figures["agreement"]["agreement"],
+        **{f"{name}_agreement": figures[name]["agreement"] for name in evals},
+        train_minutes=summary.get("minutes"),
+        history=summary.get("history"),
+        heldout=figures,
+        total_minutes=round((time.time() - started) / 60, 1),
+    )
     size = save_small(small, tokenizer, out, info=info, vocab_ids=vocab_ids)
     log.info("saved %s (%.1f MB): %s", out, size / 1e6, json.dumps(figures))
     return {**info, "out": str(out), "bytes": size}

@@ -1,8 +1,8 @@
 """Keep torch's thread count at the number of cores other processes leave free.
 
 On a 2-core machine shared with other jobs, two torch threads that each get half a core spend most
-of their time waiting for each other at every operator's barrier: generation fell from about 100
-to under 40 tokens/s that way, while one thread on the free core kept about 100. Two threads are
+of their time waiting for each other at every operator's barrier: generation ran at well under half
+its speed that way, while one thread on the free core kept its full speed. Two threads are
 still better when the machine is otherwise idle, and other jobs come and go, so `ThreadGovernor`
 re-measures every few seconds (from /proc: all CPU time minus this process's own) and switches.
 """

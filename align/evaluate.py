@@ -12,7 +12,11 @@
   runner (`bild`: its CPU kernels, and only the tokens of output_vocab.json for the small model),
   which is what a server pays.
 
-Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct] [--magpie-eval 300] [--write]
+The evaluation sets are the large model's greedy continuations, generated once and cached under
+--work-dir/data beside bild-align's training data; bild-align takes them, and the figures, from here.
+
+Usage: python -m align.evaluate --small models/smollm2-135m-draft [--large smollm2-135m-instruct]
+       [--magpie-eval 300] [--write]
 """
 
 from __future__ import annotations
@@ -26,16 +30,75 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from align.generate import GenSettings, generate_shards, load_shards
+from align.prompts import Prompt, digest, read_chat_prompts, split_prompts
 from align.train import collate, make_examples, position_logits
 from scheduler import output_vocab
 from scheduler.model_runner import CausalLMRunner, ForwardItem
 
 log = logging.getLogger(__name__)
+
+# Written for benchmarks, never part of any training prompt: the fairest test of a draft at hand.
+CHAT_PROMPTS = Path(__file__).resolve().parent.parent / "bench" / "chat.jsonl"
+
+
+def greedy_records(
+    large, tokenizer, large_spec: str, work_dir: Path, prompts: list[Prompt], split: str, settings: GenSettings
+) -> list[dict]:
+    """The large model's greedy continuations of `prompts` (generated once), for evaluation."""
+    data_dir = work_dir / "data" / settings.key(large_spec, split)
+    generate_shards(large, tokenizer, prompts, data_dir, settings, desc=f"{split} data")
+    return load_shards(data_dir)
+
+
+def heldout_records(
+    large, tokenizer, large_spec: str, work_dir: Path, n_prompts: int, seed: int, settings: GenSettings | None = None
+) -> list[dict]:
+    """The large model's greedy continuations of the first n held-out prompts (generated once)."""
+    settings = replace(settings or GenSettings(), sampled=False, seed=seed)
+    _, held = split_prompts(seed)
+    return greedy_records(large, tokenizer, large_spec, work_dir, held[:n_prompts], f"heldout{n_prompts}", settings)
+
+
+def eval_records(
+    large,
+    tokenizer,
+    large_spec: str,
+    work_dir: Path,
+    prompts: list[Prompt],
+    name: str,
+    settings: GenSettings | None = None,
+) -> list[dict]:
+    """The same for another evaluation set, cached under its contents (the seed plays no part)."""
+    settings = replace(settings or GenSettings(), sampled=False, seed=0)
+    split = f"{name}{len(prompts)}-{digest(prompts)}"
+    return greedy_records(large, tokenizer, large_spec, work_dir, prompts, split, settings)
+
+
+def evaluation_sets(
+    large,
+    tokenizer,
+    large_spec: str,
+    work_dir: Path,
+    magpie_eval: list[Prompt],
+    chat_path: str,
+    settings: GenSettings | None = None,
+) -> dict[str, list[dict]]:
+    """Greedy continuations of the Magpie evaluation prompts and of the chat conversations in
+    `chat_path` ("": none), by name, for those there are."""
+    sets = {}
+    if magpie_eval:
+        sets["magpie"] = eval_records(large, tokenizer, large_spec, work_dir, magpie_eval, "magpie-eval", settings)
+    if chat_path:
+        chats = read_chat_prompts(Path(chat_path))
+        sets["chat"] = eval_records(large, tokenizer, large_spec, work_dir, chats, "chat", settings)
+    return sets
 
 
 @torch.inference_mode()
@@ -51,7 +114,9 @@ def agreement(small: PreTrainedModel, records: list[dict], thresholds: tuple[flo
     for start in range(0, len(examples), 16):
         chunk = examples[start : start + 16]
         batch = collate(chunk, pad)
-        logits = position_logits(small, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]).float()
+        logits = position_logits(
+            small, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"]
+        ).float()
         prob, pred = torch.softmax(logits, -1).max(-1)
         ok = pred == batch["targets"]
         conf_all.append(prob)
@@ -67,8 +132,10 @@ def agreement(small: PreTrainedModel, records: list[dict], thresholds: tuple[flo
     confident = {}
     for t in thresholds:
         keep = conf >= t
-        confident[str(t)] = {"coverage": round(keep.float().mean().item(), 4),
-                             "accuracy": round(ok[keep].float().mean().item(), 4) if keep.any() else None}
+        confident[str(t)] = {
+            "coverage": round(keep.float().mean().item(), 4),
+            "accuracy": round(ok[keep].float().mean().item(), 4) if keep.any() else None,
+        }
     return {
         "agreement": round(hits / max(total, 1), 4),
         "positions": total,
@@ -113,8 +180,14 @@ def runner_ms_per_token(runner: CausalLMRunner, prompt: list[int], new_tokens: i
     return (time.perf_counter() - t0) * 1000 / new_tokens
 
 
-def cost(small: PreTrainedModel, large: PreTrainedModel, records: list[dict], n_prompts: int = 6, new_tokens: int = 32,
-         vocab_ids: list[int] | None = None) -> dict:
+def cost(
+    small: PreTrainedModel,
+    large: PreTrainedModel,
+    records: list[dict],
+    n_prompts: int = 6,
+    new_tokens: int = 32,
+    vocab_ids: list[int] | None = None,
+) -> dict:
     """Cost per token of both models at batch 1, float32, on the same held-out prompts: in a
     transformers loop, and in bild's runner (with the small model scoring only `vocab_ids`).
 
@@ -131,34 +204,46 @@ def cost(small: PreTrainedModel, large: PreTrainedModel, records: list[dict], n_
     return {"transformers": in_transformers, "bild": in_bild}
 
 
-def _timed(ms: Callable[[PreTrainedModel, list[int]], float], small: PreTrainedModel, large: PreTrainedModel,
-           prompts: list[list[int]]) -> dict:
+def _timed(
+    ms: Callable[[PreTrainedModel, list[int]], float],
+    small: PreTrainedModel,
+    large: PreTrainedModel,
+    prompts: list[list[int]],
+) -> dict:
     ms(small, prompts[0][:8])
     ms(large, prompts[0][:8])
-    s, l = [], []
-    for prompt in prompts:
-        s.append(ms(small, prompt))
-        l.append(ms(large, prompt))
-    s_med, l_med = statistics.median(s), statistics.median(l)
+    small_ms = [ms(small, prompt) for prompt in prompts]
+    large_ms = [ms(large, prompt) for prompt in prompts]
+    s_med, l_med = statistics.median(small_ms), statistics.median(large_ms)
     return {"small_ms": round(s_med, 2), "large_ms": round(l_med, 2), "ratio": round(s_med / l_med, 4)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    from align.cli import CHAT_PROMPTS, evaluation_sets, heldout_records  # the CLI owns the data layout
     from align.magpie import EVAL_POOL, magpie_sets
 
     parser = argparse.ArgumentParser(description="Held-out agreement and cost of a BiLD small model.")
     parser.add_argument("--small", required=True, help="small model directory")
-    parser.add_argument("--large", default="smollm2-135m-instruct", help="large model spec (alias, GGUF, dir or hub id)")
-    parser.add_argument("--work-dir", default="align-work", help="where held-out continuations are cached (as bild-align --work-dir)")
+    parser.add_argument(
+        "--large", default="smollm2-135m-instruct", help="large model spec (alias, GGUF, dir or hub id)"
+    )
+    parser.add_argument(
+        "--work-dir", default="align-work", help="where held-out continuations are cached (as bild-align --work-dir)"
+    )
     parser.add_argument("--eval-prompts", type=int, default=64)
-    parser.add_argument("--magpie-eval", type=int, default=0, help="Magpie evaluation prompts (as bild-align --magpie-eval)")
+    parser.add_argument(
+        "--magpie-eval", type=int, default=0, help="Magpie evaluation prompts (as bild-align --magpie-eval)"
+    )
     parser.add_argument("--magpie-pool", type=int, default=EVAL_POOL, help="as bild-align --magpie-pool")
-    parser.add_argument("--chat-prompts", default=str(CHAT_PROMPTS) if CHAT_PROMPTS.is_file() else "",
-                        help="chat conversations to evaluate on, as bild-align --chat-prompts ('': none)")
+    parser.add_argument(
+        "--chat-prompts",
+        default=str(CHAT_PROMPTS) if CHAT_PROMPTS.is_file() else "",
+        help="chat conversations to evaluate on, as bild-align --chat-prompts ('': none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cost", action="store_true", help="skip the timing")
-    parser.add_argument("--write", action="store_true", help="also update the figures in the small model's alignment.json")
+    parser.add_argument(
+        "--write", action="store_true", help="also update the figures in the small model's alignment.json"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

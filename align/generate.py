@@ -1,9 +1,9 @@
 """Alignment data: the large model's own continuations of the prompt set, with its top-k log-probs.
 
-Generation is the slow part of alignment (about 144 tokens/s for SmolLM2-135M on 2 CPU cores), so
-it is cut into shards that are written atomically as they finish; a rerun skips the shards that
-exist, which is how an interrupted run resumes. The shard contents depend only on the settings
-hashed into the data directory name, so asking for more prompts later just adds shards.
+Generation is the slow part of alignment (one large-model forward per token), so it is cut into
+shards that are written atomically as they finish; a rerun skips the shards that exist, which is
+how an interrupted run resumes. The shard contents depend only on the settings hashed into the data
+directory name, so asking for more prompts later just adds shards.
 """
 
 from __future__ import annotations
@@ -74,14 +74,17 @@ def encode_conversations(tokenizer: PreTrainedTokenizerBase, prompts: list[Promp
 
 def make_scheduler(model: PreTrainedModel, settings: GenSettings, max_prompt: int, eos_id: int) -> Scheduler:
     """bild's own scheduler in large-only mode: continuous batching and the CPU-tuned runner make it
-    1.8x faster than transformers' `generate` at batch 32 on 2 cores (144 vs 80 tokens/s), with the same tokens."""
+    faster than transformers' `generate` at the same batch size, with the same tokens."""
     max_len = max_prompt + settings.max_new_tokens + 1
-    config = SchedulerConfig(max_num_seqs=settings.batch_size, max_num_tokens=settings.batch_size * max_len,
-                             max_seq_len=max_len)
+    config = SchedulerConfig(
+        max_num_seqs=settings.batch_size, max_num_tokens=settings.batch_size * max_len, max_seq_len=max_len
+    )
     return Scheduler(None, CausalLMRunner(model, settings.batch_size, max_len), config, {eos_id})
 
 
-def complete(scheduler: Scheduler, requests: list[Request]) -> tuple[dict[str, list[int]], dict[str, list[TokenLogprob]]]:
+def complete(
+    scheduler: Scheduler, requests: list[Request]
+) -> tuple[dict[str, list[int]], dict[str, list[TokenLogprob]]]:
     """Run the requests to their end; per request id, the tokens and (where asked for) log-probs."""
     for r in requests:
         scheduler.add(r)
@@ -95,8 +98,13 @@ def complete(scheduler: Scheduler, requests: list[Request]) -> tuple[dict[str, l
     return tokens, logprobs
 
 
-def generate_records(scheduler: Scheduler, prompt_ids: list[list[int]], settings: GenSettings, seed: int,
-                     labeller: PreTrainedModel | None = None) -> list[dict[str, torch.Tensor]]:
+def generate_records(
+    scheduler: Scheduler,
+    prompt_ids: list[list[int]],
+    settings: GenSettings,
+    seed: int,
+    labeller: PreTrainedModel | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """Continue each prompt; return per prompt its ids, continuation ids (ending at eos if reached)
     and the large model's top-k log-probs at every continuation position (raw, before sampling):
     recorded while generating, or, when another model writes (`labeller` is then the large one),
@@ -104,15 +112,23 @@ def generate_records(scheduler: Scheduler, prompt_ids: list[list[int]], settings
     requests = []
     for i, prompt in enumerate(prompt_ids):
         params = SamplingParams(
-            mode=Mode.LARGE, max_new_tokens=settings.max_new_tokens, logprobs=labeller is None,
+            mode=Mode.LARGE,
+            max_new_tokens=settings.max_new_tokens,
+            logprobs=labeller is None,
             top_logprobs=settings.topk if labeller is None else 0,
-            temperature=settings.temperature if settings.sampled else 0.0, seed=seed + i,
+            temperature=settings.temperature if settings.sampled else 0.0,
+            seed=seed + i,
         )
         requests.append(Request(str(i), prompt, params))
     tokens, logprobs = complete(scheduler, requests)
     if labeller is not None:
-        records = [{"prompt_ids": torch.tensor(r.prompt, dtype=torch.int32),
-                    "cont_ids": torch.tensor(tokens[r.request_id], dtype=torch.int32)} for r in requests]
+        records = [
+            {
+                "prompt_ids": torch.tensor(r.prompt, dtype=torch.int32),
+                "cont_ids": torch.tensor(tokens[r.request_id], dtype=torch.int32),
+            }
+            for r in requests
+        ]
         label_records(labeller, records, settings.topk)
         return records
     records = []
@@ -171,8 +187,13 @@ def generate_shards(
         shard_started = time.time()
         first = index * settings.shard_prompts
         chunk = prompts[first : first + settings.shard_prompts]
-        records = generate_records(scheduler, ids[first : first + len(chunk)], settings,
-                                   seed=settings.seed * 1_000_003 + first, labeller=labeller)
+        records = generate_records(
+            scheduler,
+            ids[first : first + len(chunk)],
+            settings,
+            seed=settings.seed * 1_000_003 + first,
+            labeller=labeller,
+        )
         for prompt, rec in zip(chunk, records):
             rec["family"] = prompt.family
             tokens += rec["cont_ids"].numel()

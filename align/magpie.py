@@ -68,19 +68,29 @@ def _exchange(user: str, assistant: str) -> Context:
 
 # Written for this project; none shares a topic with bench/chat.jsonl, which stays an independent test.
 EXCHANGES = [
-    _exchange("I want to start running in the mornings.",
-              "That's a great goal! How much running have you done before, and how many days a week can you train?"),
-    _exchange("Can you suggest a name for my new puppy?",
-              "Of course! Here are a few ideas: Biscuit, Luna, Milo, Pepper and Scout. Is your puppy a boy or a girl?"),
-    _exchange("What is the capital of Australia?",
-              "The capital of Australia is Canberra. Many people think it is Sydney, which is the largest city."),
-    _exchange("Write a Python function that adds two numbers.",
-              "Here is a simple function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\n"
-              "It takes two numbers and returns their sum."),
+    _exchange(
+        "I want to start running in the mornings.",
+        "That's a great goal! How much running have you done before, and how many days a week can you train?",
+    ),
+    _exchange(
+        "Can you suggest a name for my new puppy?",
+        "Of course! Here are a few ideas: Biscuit, Luna, Milo, Pepper and Scout. Is your puppy a boy or a girl?",
+    ),
+    _exchange(
+        "What is the capital of Australia?",
+        "The capital of Australia is Canberra. Many people think it is Sydney, which is the largest city.",
+    ),
+    _exchange(
+        "Write a Python function that adds two numbers.",
+        "Here is a simple function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\n"
+        "It takes two numbers and returns their sum.",
+    ),
     _exchange("Translate 'good night' into Spanish.", "'Good night' in Spanish is 'buenas noches'."),
-    _exchange("Tell me a short story about a dragon.",
-              "Once upon a time, a small dragon named Ember was afraid of fire. One cold winter night, the village "
-              "children were freezing, and Ember found the courage to light a warm, gentle flame for them."),
+    _exchange(
+        "Tell me a short story about a dragon.",
+        "Once upon a time, a small dragon named Ember was afraid of fire. One cold winter night, the village "
+        "children were freezing, and Ember found the courage to light a warm, gentle flame for them.",
+    ),
 ]
 SYSTEM_TURNS = [
     "You are a friendly tutor who explains things step by step.",
@@ -90,17 +100,37 @@ SYSTEM_TURNS = [
 # Families as in align/prompts.py, plus questions, other system turns and follow-ups. Attempts take
 # the openings in turn; the plain one, the model's own unsteered distribution, comes up four times.
 OPENINGS: tuple[Opening, ...] = (
-    Opening("chat"), Opening("chat", "Can you"), Opening("question", "What"), Opening("translation", "Translate"),
-    Opening("code", "Write a Python"), Opening("summarization", "Summarize"), Opening("continuation", "Continue the story"),
+    Opening("chat"),
+    Opening("chat", "Can you"),
+    Opening("question", "What"),
+    Opening("translation", "Translate"),
+    Opening("code", "Write a Python"),
+    Opening("summarization", "Summarize"),
+    Opening("continuation", "Continue the story"),
     *(Opening("multiturn", context=c) for c in EXCHANGES[:3]),
-    Opening("chat"), Opening("chat", "I need"), Opening("question", "How do I"), Opening("translation", "How do you say"),
-    Opening("code", "Write a function"), Opening("summarization", "Give me a short summary of"),
-    Opening("continuation", "Complete this sentence:"), *(Opening("system", context=(("system", s),)) for s in SYSTEM_TURNS),
-    Opening("chat"), Opening("chat", "Write a"), Opening("question", "Explain"), Opening("question", "Why"),
-    Opening("code", "How do I fix"), Opening("code", "Write a JavaScript"), Opening("summarization", "What is the main idea"),
-    Opening("continuation", "Write the next paragraph"), *(Opening("multiturn", context=c) for c in EXCHANGES[3:]),
-    Opening("chat"), Opening("chat", "Give me"), Opening("chat", "Help me"), Opening("question", "Is it"),
-    Opening("code", "Explain this code"), Opening("continuation", "Continue this text:"),
+    Opening("chat"),
+    Opening("chat", "I need"),
+    Opening("question", "How do I"),
+    Opening("translation", "How do you say"),
+    Opening("code", "Write a function"),
+    Opening("summarization", "Give me a short summary of"),
+    Opening("continuation", "Complete this sentence:"),
+    *(Opening("system", context=(("system", s),)) for s in SYSTEM_TURNS),
+    Opening("chat"),
+    Opening("chat", "Write a"),
+    Opening("question", "Explain"),
+    Opening("question", "Why"),
+    Opening("code", "How do I fix"),
+    Opening("code", "Write a JavaScript"),
+    Opening("summarization", "What is the main idea"),
+    Opening("continuation", "Write the next paragraph"),
+    *(Opening("multiturn", context=c) for c in EXCHANGES[3:]),
+    Opening("chat"),
+    Opening("chat", "Give me"),
+    Opening("chat", "Help me"),
+    Opening("question", "Is it"),
+    Opening("code", "Explain this code"),
+    Opening("continuation", "Continue this text:"),
 )
 
 
@@ -188,16 +218,29 @@ def shard_path(data_dir: Path, index: int) -> Path:
     return data_dir / f"shard_{index:05d}.json"
 
 
-def write_shard(tokenizer: PreTrainedTokenizerBase, scheduler: Scheduler, prefixes: list[list[int]],
-                settings: MagpieSettings, index: int) -> list[dict]:
+def write_shard(
+    tokenizer: PreTrainedTokenizerBase,
+    scheduler: Scheduler,
+    prefixes: list[list[int]],
+    settings: MagpieSettings,
+    index: int,
+) -> list[dict]:
     """The attempts of shard `index`: per attempt its opening, the turn's text and whether it ended
     within max_new_tokens without template markup inside."""
     first = index * settings.shard_attempts
     openings = [OPENINGS[(first + i) % len(OPENINGS)] for i in range(settings.shard_attempts)]
     requests = [
-        Request(str(i), prefixes[(first + i) % len(OPENINGS)],
-                SamplingParams(mode=Mode.LARGE, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                               top_p=settings.top_p, seed=settings.seed * 1_000_003 + first + i))
+        Request(
+            str(i),
+            prefixes[(first + i) % len(OPENINGS)],
+            SamplingParams(
+                mode=Mode.LARGE,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seed=settings.seed * 1_000_003 + first + i,
+            ),
+        )
         for i in range(settings.shard_attempts)
     ]
     tokens, _ = complete(scheduler, requests)
@@ -207,30 +250,45 @@ def write_shard(tokenizer: PreTrainedTokenizerBase, scheduler: Scheduler, prefix
         turn = tokens[r.request_id]
         ended = bool(turn) and turn[-1] == eos
         body = turn[:-1] if ended else turn
-        attempts.append({"family": opening.family, "context": opening.context, "ended": ended,
-                         "markup": any(t in specials for t in body),
-                         "text": (opening.words + tokenizer.decode(body)).strip()})
+        attempts.append(
+            {
+                "family": opening.family,
+                "context": opening.context,
+                "ended": ended,
+                "markup": any(t in specials for t in body),
+                "text": (opening.words + tokenizer.decode(body)).strip(),
+            }
+        )
     return attempts
 
 
-def attempts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir: Path, settings: MagpieSettings,
-             max_attempts: int) -> Iterator[dict]:
+def attempts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data_dir: Path,
+    settings: MagpieSettings,
+    max_attempts: int,
+) -> Iterator[dict]:
     """The attempts in order, shard after shard, writing each shard that is not there yet when it is
     reached (so only as many as the caller reads)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
-    prefixes = [tokenizer(user_turn_prefix(tokenizer, o.context) + o.words, add_special_tokens=False)["input_ids"]
-                for o in OPENINGS]
+    prefixes = [
+        tokenizer(user_turn_prefix(tokenizer, o.context) + o.words, add_special_tokens=False)["input_ids"]
+        for o in OPENINGS
+    ]
     scheduler = None
     for index in range(-(-max_attempts // settings.shard_attempts)):
         path = shard_path(data_dir, index)
         if not path.is_file():
             if scheduler is None:
                 max_len = max(map(len, prefixes)) + settings.max_new_tokens + 1
-                config = SchedulerConfig(max_num_seqs=settings.batch_size, max_num_tokens=settings.batch_size * max_len,
-                                         max_seq_len=max_len)
-                scheduler = Scheduler(None, CausalLMRunner(model, settings.batch_size, max_len), config,
-                                      {tokenizer.eos_token_id})
+                config = SchedulerConfig(
+                    max_num_seqs=settings.batch_size, max_num_tokens=settings.batch_size * max_len, max_seq_len=max_len
+                )
+                scheduler = Scheduler(
+                    None, CausalLMRunner(model, settings.batch_size, max_len), config, {tokenizer.eos_token_id}
+                )
             shard = write_shard(tokenizer, scheduler, prefixes, settings, index)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(shard))
@@ -246,9 +304,16 @@ def attempt_rejection(attempt: dict) -> str | None:
     return rejection(attempt["text"])
 
 
-def magpie_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, large_spec: str, work_dir: Path,
-                   settings: MagpieSettings, count: int, exclude: Iterable[Prompt] = (),
-                   max_attempts_per_prompt: int = 20) -> list[Prompt]:
+def magpie_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    large_spec: str,
+    work_dir: Path,
+    settings: MagpieSettings,
+    count: int,
+    exclude: Iterable[Prompt] = (),
+    max_attempts_per_prompt: int = 20,
+) -> list[Prompt]:
     """The first `count` user turns the large model writes with these settings that pass the
     filters and repeat neither one another, nor a template prompt, nor one of `exclude`. Gives up,
     with fewer, after max_attempts_per_prompt * count attempts (a model that writes no requests)."""
@@ -270,14 +335,27 @@ def magpie_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, l
     bar.close()
     log.info("magpie prompts (%s): kept %d, dropped %s", data_dir.name, len(kept), dict(dropped.most_common()))
     if len(kept) < count:
-        log.warning("magpie prompts (%s): only %d of %d asked for after %d attempts", data_dir.name, len(kept), count,
-                    max_attempts_per_prompt * count)
+        log.warning(
+            "magpie prompts (%s): only %d of %d asked for after %d attempts",
+            data_dir.name,
+            len(kept),
+            count,
+            max_attempts_per_prompt * count,
+        )
     return kept
 
 
-def magpie_sets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, large_spec: str, work_dir: Path,
-                n_train: int, n_eval: int, seed: int = 0, pool: int = EVAL_POOL,
-                settings: MagpieSettings = MagpieSettings()) -> tuple[list[Prompt], list[Prompt]]:
+def magpie_sets(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    large_spec: str,
+    work_dir: Path,
+    n_train: int,
+    n_eval: int,
+    seed: int = 0,
+    pool: int = EVAL_POOL,
+    settings: MagpieSettings = MagpieSettings(),
+) -> tuple[list[Prompt], list[Prompt]]:
     """(training, evaluation) prompts: the first n_eval of the evaluation pool (its own seed, EVAL_SEED),
     and n_train training prompts (`seed`) that repeat none of the whole pool."""
     if n_eval > pool:
@@ -286,14 +364,22 @@ def magpie_sets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, larg
     if not n_train:  # the pool's first prompts do not depend on its size
         return [], magpie_prompts(model, tokenizer, large_spec, work_dir, held, n_eval) if n_eval else []
     evaluation = magpie_prompts(model, tokenizer, large_spec, work_dir, held, pool)
-    training = magpie_prompts(model, tokenizer, large_spec, work_dir, replace(settings, seed=seed), n_train,
-                              exclude=evaluation)
+    training = magpie_prompts(
+        model, tokenizer, large_spec, work_dir, replace(settings, seed=seed), n_train, exclude=evaluation
+    )
     return training, evaluation[:n_eval]
 
 
 def write_prompts(path: Path, prompts: list[Prompt]) -> None:
     """JSON lines of {"family", "messages"}: the conversations as the large model continues them."""
-    lines = [json.dumps({"family": p.family, "messages": [{"role": r, "content": c} for r, c in p.context]
-                         + [{"role": "user", "content": p.text}]}) for p in prompts]
+    lines = [
+        json.dumps(
+            {
+                "family": p.family,
+                "messages": [{"role": r, "content": c} for r, c in p.context] + [{"role": "user", "content": p.text}],
+            }
+        )
+        for p in prompts
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))

@@ -36,7 +36,10 @@ def create_small(large: PreTrainedModel, arch: SmallArch, seed: int) -> LlamaFor
     """
     lc = large.config
     head_dim = arch.hidden_size // arch.num_heads
-    rope = getattr(lc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(lc, "rope_theta", 10000.0)}
+    rope = getattr(lc, "rope_parameters", None) or {
+        "rope_type": "default",
+        "rope_theta": getattr(lc, "rope_theta", 10000.0),
+    }
     config = LlamaConfig(
         vocab_size=lc.vocab_size,
         hidden_size=arch.hidden_size,
@@ -116,12 +119,16 @@ def save_small(
     tokenizer.save_pretrained(tmp)
     _compact_tokenizer_json(tmp)
     if vocab_ids is not None:
-        output_vocab.save(tmp, vocab_ids, "the large model's choices in the alignment data: bild's runner scores only these tokens")
+        output_vocab.save(
+            tmp, vocab_ids, "the large model's choices in the alignment data: bild's runner scores only these tokens"
+        )
     if info is not None:
         (tmp / "alignment.json").write_text(json.dumps(info, indent=1, sort_keys=True))
     size = directory_bytes(tmp)
     if size > max_bytes:
-        raise ValueError(f"small model directory is {size} bytes, over the {max_bytes} limit: choose a smaller architecture")
+        raise ValueError(
+            f"small model directory is {size} bytes, over the {max_bytes} limit: choose a smaller architecture"
+        )
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

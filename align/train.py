@@ -1,7 +1,8 @@
 """Train the small model to agree with the large one on the large model's continuations.
 
 Loss per continuation position: cross-entropy on the large model's greedy token there (for
-sampled data too: the sampled continuation only supplies the prefix) plus `kd_weight` times the cross-entropy against the large model's top-k distribution
+sampled data too: the sampled continuation only supplies the prefix) plus `kd_weight` times the
+cross-entropy against the large model's top-k distribution
 (renormalised over its k tokens): the soft part tells the small model how sure the large one was,
 so its own confidence, which BiLD's fallback policy reads, means something. Prompt positions carry
 no loss and no output projection (which is most of the cost at a 49k vocabulary).
@@ -38,21 +39,21 @@ class TrainSettings:
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of lr
     warmup: float = 0.03  # fraction of the run spent warming up
     batch_size: int = 16
-    # 0.1 rather than 0.01: the draft sees each continuation about 11 times in 35 minutes and
-    # overfits (training accuracy 0.75, held-out 0.58); with 0.1 it ended at 58.6%, against 58.0%.
+    # 0.1 rather than 0.01: a draft sees each continuation many times in a training run and
+    # overfits (training accuracy well above held-out agreement); 0.1 held out a little better.
     weight_decay: float = 0.1
     kd_weight: float = 1.0
     steps: int | None = None  # a fixed number of steps, or...
     minutes: float | None = None  # ...a wall-clock budget (the schedule then follows elapsed time)
     # Train the output softmax over tokens in the large model's top-k (0: full vocab). With 1 (its
-    # choices, as in the data and output_vocab.json) SmolLM2's softmax has 15.8k tokens instead of
-    # 26k at top-4: 1.5x the tokens/s, and 47.8% held-out agreement after 20 minutes against 44.6%.
+    # choices, as in the data and output_vocab.json) the softmax is much narrower than at a larger
+    # k, so more tokens go through in the same time, and held-out agreement came out higher.
     vocab_topk: int = 1
     negatives: int = 1024  # other tokens sampled into each step's softmax, so none can creep up unseen
     # With N > 0, each step's softmax covers only the batch's own tokens (its top-k) and N others
-    # sampled from the training vocabulary, not all of it (see `SoftmaxColumns`). For SmolLM2, 2048
-    # gave a 35-minute training 1.5x the steps (5,263 vs 3,489) and 58.0% held-out agreement, against 54.4%
-    # with the whole training vocabulary every step (same data, same budget).
+    # sampled from the training vocabulary, not all of it (see `SoftmaxColumns`): more steps fit
+    # into the same time, and held-out agreement came out higher than with the whole training
+    # vocabulary every step (measured: README, "The default small model").
     batch_vocab: int = 2048
     checkpoint_every: int = 200  # steps
     eval_every: int = 500  # steps
@@ -132,8 +133,14 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def position_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-                    cols: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+def position_logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    vocab: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits at the chosen (row, col) positions only: the output projection is skipped elsewhere.
     With `vocab`, only over those token ids (columns in that order)."""
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[rows, cols]
@@ -166,10 +173,9 @@ class SoftmaxColumns:
 
     All of `vocab` (the training vocabulary) every step, or with `batch_vocab` > 0 only the batch's
     own tokens (its targets and the training-vocabulary tokens of its top-k) plus that many others
-    drawn from `vocab`: about 3x fewer columns for SmolLM2, whose 15.8k training tokens dwarf the
-    3.5k distinct top-16 tokens of a batch of 16 continuations, and the tokens that compete at the
-    batch's positions are all there. Either way, `negatives` tokens from outside `vocab` are added
-    too, so none of those can creep up unseen."""
+    drawn from `vocab`: far fewer columns, since a batch's own tokens are a small share of the
+    training vocabulary, and the tokens that compete at the batch's positions are all there. Either
+    way, `negatives` tokens from outside `vocab` are added too, so none of those can creep up unseen."""
 
     def __init__(self, vocab: torch.Tensor, vocab_size: int, batch_vocab: int, negatives: int, seed: int) -> None:
         self.vocab, self.batch_vocab, self.negatives, self.seed = vocab, batch_vocab, negatives, seed
@@ -198,7 +204,9 @@ class SoftmaxColumns:
         return columns
 
 
-def alignment_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def alignment_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     logp = torch.log_softmax(logits.float(), dim=-1)
     hard = F.nll_loss(logp, batch["targets"])
     loss = hard
@@ -249,16 +257,20 @@ def train(
     if settings.vocab_topk > 0:
         vocab = training_vocab(records, settings.vocab_topk, list(specials))
         columns = SoftmaxColumns(vocab, vocab_size, settings.batch_vocab, settings.negatives, settings.seed)
-        log.info("training softmax over %s of %d tokens (+%d sampled per step)",
-                 f"the batch's own and {settings.batch_vocab} more" if settings.batch_vocab else vocab.numel(),
-                 vocab_size, settings.negatives)
+        log.info(
+            "training softmax over %s of %d tokens (+%d sampled per step)",
+            f"the batch's own and {settings.batch_vocab} more" if settings.batch_vocab else vocab.numel(),
+            vocab_size,
+            settings.negatives,
+        )
     n_batches = math.ceil(len(examples) / settings.batch_size)
     torch.manual_seed(settings.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=(0.9, 0.98),
+        lr=settings.lr,
+        betas=(0.9, 0.98),
     )
     step, elapsed, history = 0, 0.0, []
     if ckpt_path.is_file():
@@ -276,8 +288,17 @@ def train(
     def save() -> None:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt_path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-                    "history": history, "settings": asdict(settings)}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "history": history,
+                "settings": asdict(settings),
+            },
+            tmp,
+        )
         tmp.rename(ckpt_path)  # atomic: an interruption leaves the previous checkpoint intact
         if on_checkpoint is not None:
             on_checkpoint(model, step)
@@ -300,7 +321,9 @@ def train(
             group["lr"] = settings.lr * lr_factor(progress(), settings.warmup, settings.min_lr_ratio)
         batch = collate([examples[i] for i in batch_idx], pad_id)
         step_vocab = columns.for_step(batch, step) if columns is not None else None
-        logits = position_logits(model, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], step_vocab)
+        logits = position_logits(
+            model, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], step_vocab
+        )
         loss, stats = alignment_loss(logits, batch, settings.kd_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -310,8 +333,13 @@ def train(
         elapsed += time.time() - t0
         tokens_seen += batch["targets"].numel()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['acc']:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}",
-                        tok_s=f"{tokens_seen / (time.time() - t_mark):.0f}", ep=epoch)
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            acc=f"{stats['acc']:.3f}",
+            lr=f"{opt.param_groups[0]['lr']:.1e}",
+            tok_s=f"{tokens_seen / (time.time() - t_mark):.0f}",
+            ep=epoch,
+        )
         if on_eval is not None and step % settings.eval_every == 0:
             model.eval()
             entry = {"step": step, "minutes": round(elapsed / 60, 2), **on_eval(model, step)}

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+from offline import generate  # bench/offline.py, beside this script
 
-from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS
+from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS, shown
 from scheduler.model_runner import CausalLMRunner
-from scheduler.offline import generate
 from scheduler.pair import load_pair
 from scheduler.request import Mode, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -72,23 +72,29 @@ def hf_generate(model, prompts, max_new, assistant=None, threshold=0.4) -> tuple
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=max_new, do_sample=False, pad_token_id=eos, **kw)
         seconds += time.perf_counter() - start
-        outputs.append(out[0, len(p):].tolist())
+        outputs.append(out[0, len(p) :].tolist())
     return outputs, seconds
 
 
 def engine_batch1(pair, prompts, params: SamplingParams) -> tuple[list[list[int]], float]:
     max_len = max(map(len, prompts)) + params.max_new_tokens + 1
     scheduler = Scheduler(
-        CausalLMRunner(pair.small, 1, max_len), CausalLMRunner(pair.large, 1, max_len),
-        SchedulerConfig(max_num_seqs=1, max_num_tokens=max_len, max_seq_len=max_len), pair.eos_token_ids,
+        CausalLMRunner(pair.small, 1, max_len),
+        CausalLMRunner(pair.large, 1, max_len),
+        SchedulerConfig(max_num_seqs=1, max_num_tokens=max_len, max_seq_len=max_len),
+        pair.eos_token_ids,
     )
     outputs, _, seconds = generate(scheduler, prompts, params)
     return outputs, seconds
 
 
 def chat_ids(tokenizer, rows) -> list[list[int]]:
-    return [tokenizer.encode(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                             add_special_tokens=False) for m in rows]
+    return [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        )
+        for m in rows
+    ]
 
 
 def main() -> None:
@@ -112,7 +118,7 @@ def main() -> None:
         f"# bild compared, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"Machine: {os.cpu_count()} cores {platform.machine()}, {platform.system()}, torch {torch.__version__}, "
-        f"device cpu, float32. Large: `{args.large}`, small: `{args.small}`. {len(prompts)} chat prompts "
+        f"device cpu, float32. Large: `{args.large}`, small: `{shown(args.small)}`. {len(prompts)} chat prompts "
         f"(bench/chat.jsonl), max_new_tokens {n}, greedy. Command: `python {' '.join(sys.argv)}`",
         "",
     ]
@@ -139,10 +145,15 @@ def main() -> None:
         return rate
 
     row("transformers generate, large only (reference)", reference, ref_seconds)
-    row(f"transformers assisted generation (threshold {args.assistant_threshold})",
-        *hf_generate(pair.large, prompts, n, pair.small, args.assistant_threshold))
+    row(
+        f"transformers assisted generation (threshold {args.assistant_threshold})",
+        *hf_generate(pair.large, prompts, n, pair.small, args.assistant_threshold),
+    )
     for mode in (Mode.LARGE, Mode.EXACT, Mode.BILD):
-        row(f"bild engine, mode {mode.value}", *engine_batch1(pair, prompts, SamplingParams(mode=mode, max_new_tokens=n)))
+        row(
+            f"bild engine, mode {mode.value}",
+            *engine_batch1(pair, prompts, SamplingParams(mode=mode, max_new_tokens=n)),
+        )
 
     if args.fallback and args.rollback:
         sweep_prompts = prompts[: args.sweep_prompts]
@@ -161,13 +172,13 @@ def main() -> None:
                 params = SamplingParams(mode=Mode.BILD, max_new_tokens=n, fallback_threshold=fb, rollback_threshold=rb)
                 outputs, seconds = engine_batch1(pair, sweep_prompts, params)
                 speed = sum(map(len, outputs)) / seconds / large_rate
-                agreement, bleu, rouge = sweep_quality(outputs)
+                _agreement, bleu, rouge = sweep_quality(outputs)
                 points.append((speed, rouge, f"{rb:g},{fb:g}"))
                 cells.append(f"ROUGE-L {rouge:.1f}, BLEU {bleu:.1f} @ {speed:.2f}x")
             emit(f"| {rb:g} | " + " | ".join(cells) + " |")
         plot(points, args.out / "sweep_pareto.png")
         emit()
-        emit(f"Pareto plot: `{args.out / 'sweep_pareto.png'}` (labels: rollback,fallback).")
+        emit(f"Pareto plot: `{shown(args.out / 'sweep_pareto.png')}` (labels: rollback,fallback).")
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")

@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 import torch
+from offline import generate  # bench/offline.py, beside this script
 
-from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS
+from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS, shown
 from scheduler.model_runner import CausalLMRunner
 from scheduler.pair import load_pair
-from scheduler.offline import generate
 from scheduler.request import Mode, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -42,18 +42,29 @@ def load_prompts(tokenizer, n: int, heldout: bool) -> list[list[int]]:
         return encode_prompts(tokenizer, [p.text for p in split_prompts(0)[1][:n]])
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()][:n]
     return [
-        tokenizer.encode(tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)
+        tokenizer.encode(
+            tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )
         for r in rows
     ]
 
 
-HEADER = ["| batch | mode | tokens/s | speed-up vs large | same tokens as large | small-token share | large calls / token |",
-          "|---|---|---|---|---|---|---|"]
+HEADER = [
+    "| batch | mode | tokens/s | speed-up vs large | same tokens as large | small-token share | large calls / token |",
+    "|---|---|---|---|---|---|---|",
+]
 
 
-def table(pair, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens: int, rounds: int,
-          overrides: dict, batch_independent: bool = False) -> list[str]:
+def table(
+    pair,
+    prompts: list[list[int]],
+    batch_sizes: list[int],
+    max_new_tokens: int,
+    rounds: int,
+    overrides: dict,
+    batch_independent: bool = False,
+) -> list[str]:
     """The table's lines: modes large, exact and bild at each batch size, each round's ratios to its own large run."""
     lines = list(HEADER)
     max_len = max(map(len, prompts)) + max_new_tokens + 1
@@ -68,8 +79,9 @@ def table(pair, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens
         for _ in range(rounds):
             baseline = None
             for mode in MODES:
-                params = SamplingParams(mode=mode, max_new_tokens=max_new_tokens, batch_independent=batch_independent,
-                                        **overrides)
+                params = SamplingParams(
+                    mode=mode, max_new_tokens=max_new_tokens, batch_independent=batch_independent, **overrides
+                )
                 outputs, requests, seconds = generate(scheduler, prompts, params)
                 tokens = sum(map(len, outputs))
                 rate = tokens / seconds
@@ -85,8 +97,10 @@ def table(pair, prompts: list[list[int]], batch_sizes: list[int], max_new_tokens
         for mode in MODES:
             same, share, calls = quality[mode]
             spread = f" ({min(ratios[mode]):.2f}-{max(ratios[mode]):.2f})" if rounds > 1 else ""
-            line = (f"| {batch} | {mode.value} | {statistics.median(rates[mode]):.1f} | "
-                    f"{statistics.median(ratios[mode]):.2f}x{spread} | {same:.1%} | {share:.1%} | {calls:.2f} |")
+            line = (
+                f"| {batch} | {mode.value} | {statistics.median(rates[mode]):.1f} | "
+                f"{statistics.median(ratios[mode]):.2f}x{spread} | {same:.1%} | {share:.1%} | {calls:.2f} |"
+            )
             lines.append(line)
             print(line, file=sys.stderr, flush=True)
     return lines
@@ -111,15 +125,30 @@ def main() -> None:
 
     pair = load_pair(args.large, args.small, args.device, args.dtype)
     prompts = load_prompts(pair.tokenizer, args.prompts, args.heldout)
-    overrides = {k: v for k, v in (("fallback_threshold", args.fallback_threshold),
-                                   ("rollback_threshold", args.rollback_threshold),
-                                   ("max_small_tokens", args.max_small_tokens)) if v is not None}
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()}-core {platform.machine()} CPU"
-    print(f"large={args.large} small={args.small} device={device} dtype={args.dtype} torch={torch.__version__} "
-          f"prompts={len(prompts)}{' held-out' if args.heldout else ''} max_new_tokens={args.max_new_tokens} "
-          f"rounds={args.rounds} batch_independent={args.batch_independent} {overrides or ''}\n")
-    print("\n".join(table(pair, prompts, args.batch_sizes, args.max_new_tokens, args.rounds, overrides,
-                          args.batch_independent)))
+    overrides = {
+        k: v
+        for k, v in (
+            ("fallback_threshold", args.fallback_threshold),
+            ("rollback_threshold", args.rollback_threshold),
+            ("max_small_tokens", args.max_small_tokens),
+        )
+        if v is not None
+    }
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{os.cpu_count()}-core {platform.machine()} CPU"
+    )
+    print(
+        f"large={args.large} small={shown(args.small)} device={device} dtype={args.dtype} torch={torch.__version__} "
+        f"prompts={len(prompts)}{' held-out' if args.heldout else ''} max_new_tokens={args.max_new_tokens} "
+        f"rounds={args.rounds} batch_independent={args.batch_independent} {overrides or ''}\n"
+    )
+    print(
+        "\n".join(
+            table(pair, prompts, args.batch_sizes, args.max_new_tokens, args.rounds, overrides, args.batch_independent)
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,19 +14,29 @@ import argparse
 import time
 
 import torch
+from offline import generate  # bench/offline.py, beside this script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scheduler.model_runner import CausalLMRunner, ForwardItem
-from scheduler.offline import generate
 from scheduler.request import Mode, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 
 def llama(hidden, layers, heads, kv, inter, vocab, init=0.02, seed=0, device="cuda", dtype=torch.float32):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                      initializer_range=init, tie_word_embeddings=False, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        initializer_range=init,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.to(dtype).eval()
@@ -53,11 +63,16 @@ def exactness(device, dtype):
     refs = []
     for p in prompts:
         with torch.no_grad():
-            g = large.generate(torch.tensor([p], device=device), max_new_tokens=40, do_sample=False,
-                               eos_token_id=2, pad_token_id=2)
-        refs.append(g[0, len(p):].tolist())
-    sched = Scheduler(CausalLMRunner(small, 8, 256), CausalLMRunner(large, 8, 256),
-                      SchedulerConfig(max_num_seqs=8, max_num_tokens=2048, max_seq_len=256), {2})
+            g = large.generate(
+                torch.tensor([p], device=device), max_new_tokens=40, do_sample=False, eos_token_id=2, pad_token_id=2
+            )
+        refs.append(g[0, len(p) :].tolist())
+    sched = Scheduler(
+        CausalLMRunner(small, 8, 256),
+        CausalLMRunner(large, 8, 256),
+        SchedulerConfig(max_num_seqs=8, max_num_tokens=2048, max_seq_len=256),
+        {2},
+    )
     outs, _ = run(sched, prompts, SamplingParams(mode=Mode.EXACT, max_new_tokens=40, fallback_threshold=0.2))
     same = sum(o == r for o, r in zip(outs, refs))
     tokens = sum(a == b for o, r in zip(outs, refs) for a, b in zip(o, r)) / sum(map(len, refs))
@@ -73,16 +88,29 @@ def sampling_check(device, dtype):
             p.add_(torch.randn_like(p) * 0.02 * p.float().std().to(p.dtype))
 
     def sched(slots):
-        return Scheduler(CausalLMRunner(small, slots, 256), CausalLMRunner(large, slots, 256),
-                         SchedulerConfig(max_num_seqs=slots, max_num_tokens=4096, max_seq_len=256), {2})
+        return Scheduler(
+            CausalLMRunner(small, slots, 256),
+            CausalLMRunner(large, slots, 256),
+            SchedulerConfig(max_num_seqs=slots, max_num_tokens=4096, max_seq_len=256),
+            {2},
+        )
 
     same = 0
     for mode in (Mode.EXACT, Mode.BILD, Mode.LARGE, Mode.SMALL):
-        p = SamplingParams(mode=mode, max_new_tokens=40, temperature=0.9, top_p=0.95, seed=7, fallback_threshold=0.1,
-                           logprobs=True, top_logprobs=2, batch_independent=True)
+        p = SamplingParams(
+            mode=mode,
+            max_new_tokens=40,
+            temperature=0.9,
+            top_p=0.95,
+            seed=7,
+            fallback_threshold=0.1,
+            logprobs=True,
+            top_logprobs=2,
+            batch_independent=True,
+        )
         alone, _ = run(sched(1), [[5, 6, 7]], p)
         others = [SamplingParams(mode=Mode.EXACT, max_new_tokens=30, temperature=1.0, seed=s) for s in range(7)]
-        busy, _ = run(sched(8), [[9, 9, i] for i in range(7)] + [[5, 6, 7]], others + [p])
+        busy, _ = run(sched(8), [[9, 9, i] for i in range(7)] + [[5, 6, 7]], [*others, p])
         same += busy[-1] == alone[0]
     print(f"seeded sampling on {device} {dtype}: {same}/4 modes reproduce alone vs in a busy batch")
 
@@ -114,14 +142,19 @@ def throughput(device, large, batches, max_new):
         large.generate(torch.tensor([prompt], device=device), max_new_tokens=4, min_new_tokens=4, do_sample=False)
         sync(device)
         t = time.perf_counter()
-        large.generate(torch.tensor([prompt], device=device), max_new_tokens=max_new, min_new_tokens=max_new,
-                       do_sample=False)
+        large.generate(
+            torch.tensor([prompt], device=device), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False
+        )
         sync(device)
     print(f"| transformers generate | 1 | {max_new / (time.perf_counter() - t):.1f} |", flush=True)
     for b in batches:
         prompts = [torch.randint(3, large.config.vocab_size, (64,), generator=gen).tolist() for _ in range(b)]
-        sched = Scheduler(None, CausalLMRunner(large, b, 64 + max_new + 1),
-                          SchedulerConfig(max_num_seqs=b, max_num_tokens=b * 1024, max_seq_len=64 + max_new + 1), set())
+        sched = Scheduler(
+            None,
+            CausalLMRunner(large, b, 64 + max_new + 1),
+            SchedulerConfig(max_num_seqs=b, max_num_tokens=b * 1024, max_seq_len=64 + max_new + 1),
+            set(),
+        )
         run(sched, prompts, SamplingParams(mode=Mode.LARGE, max_new_tokens=4))
         outs, secs = run(sched, prompts, SamplingParams(mode=Mode.LARGE, max_new_tokens=max_new))
         print(f"| bild engine, mode large | {b} | {sum(map(len, outs)) / secs:.1f} |", flush=True)
@@ -161,8 +194,12 @@ def bild_speed(device, large, small, batches, max_new, disagree):
     for b in batches:
         prompts = [torch.randint(3, large.config.vocab_size, (16,), generator=gen).tolist() for _ in range(b)]
         max_len = 16 + max_new + 1
-        sched = Scheduler(CausalLMRunner(small, b, max_len), CausalLMRunner(large, b, max_len),
-                          SchedulerConfig(max_num_seqs=b, max_num_tokens=b * max_len, max_seq_len=max_len), set())
+        sched = Scheduler(
+            CausalLMRunner(small, b, max_len),
+            CausalLMRunner(large, b, max_len),
+            SchedulerConfig(max_num_seqs=b, max_num_tokens=b * max_len, max_seq_len=max_len),
+            set(),
+        )
         run(sched, prompts, SamplingParams(mode=Mode.EXACT, max_new_tokens=8))
         base = None
         for mode in (Mode.LARGE, Mode.EXACT, Mode.BILD):
@@ -180,8 +217,10 @@ def main():
     ap.add_argument("--disagree", type=float, default=0.2)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"transformers {__import__('transformers').__version__}")
+    print(
+        f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+        f"transformers {__import__('transformers').__version__}"
+    )
     torch.backends.cuda.matmul.allow_tf32 = False
     exactness(device, torch.float32)
     if device == "cuda":
@@ -196,8 +235,10 @@ def main():
         large = llama(2048, 22, 32, 4, 5632, 32000, device=device, dtype=dtype)
         small = llama(512, 6, 8, 2, 1536, 32000, device=device, dtype=dtype, seed=1)
         batches, max_new = [1, 8, 32], 64
-    print(f"\nlarge {sum(p.numel() for p in large.parameters()) / 1e6:.0f}M, "
-          f"small {sum(p.numel() for p in small.parameters()) / 1e6:.0f}M parameters, {dtype}")
+    print(
+        f"\nlarge {sum(p.numel() for p in large.parameters()) / 1e6:.0f}M, "
+        f"small {sum(p.numel() for p in small.parameters()) / 1e6:.0f}M parameters, {dtype}"
+    )
     forward_costs(device, dtype, large, small, batches)
     throughput(device, large, batches, max_new)
     print(f"\nBiLD with a pair whose tables disagree on {args.disagree:.0%} of tokens (bigram_pair):")

@@ -46,8 +46,9 @@ async def one_request(client: BildClient, index: int, messages, args, results: R
     start = last = time.perf_counter()
     ids: list[int] = []
     try:
-        async for response in client.generate(messages=messages, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                                              timeout=args.timeout):
+        async for response in client.generate(
+            messages=messages, max_new_tokens=args.max_new_tokens, mode=args.mode, timeout=args.timeout
+        ):
             now = time.perf_counter()
             if response.token_ids:
                 if last == start:  # the first tokens of this stream
@@ -77,7 +78,9 @@ async def run(args, rows: list | None = None) -> Results:
 
     async def worker(client: BildClient) -> None:
         nonlocal issued
-        while (args.requests is None or issued < args.requests) and (deadline is None or time.perf_counter() < deadline):
+        while (args.requests is None or issued < args.requests) and (
+            deadline is None or time.perf_counter() < deadline
+        ):
             index = issued % len(rows)
             issued += 1
             await one_request(client, index, rows[index], args, results)
@@ -103,7 +106,10 @@ def main() -> None:
     results = asyncio.run(run(args))
     wall = time.perf_counter() - started
     count = sum(results.statuses.values())
-    ms = lambda values, q: percentile(values, q) * 1e3  # noqa: E731
+
+    def ms(values: list[float], q: float) -> float:
+        return percentile(values, q) * 1e3
+
     print(f"Summary ({args.mode}, concurrency {args.concurrency}, max_new_tokens {args.max_new_tokens}):")
     print(f"  Count:        {count}")
     print(f"  Total:        {wall:.2f} s")
@@ -114,8 +120,11 @@ def main() -> None:
         print(f"  Fastest:      {min(results.latencies) * 1e3:.0f} ms")
         print(f"  Average:      {statistics.mean(results.latencies) * 1e3:.0f} ms")
     print("\nLatency distribution (ms):\n  | | p50 | p90 | p95 | p99 |\n  |---|---|---|---|---|")
-    for name, values in (("stream", results.latencies), ("first token", results.first_token),
-                         ("between tokens", results.inter_token)):
+    for name, values in (
+        ("stream", results.latencies),
+        ("first token", results.first_token),
+        ("between tokens", results.inter_token),
+    ):
         print(f"  | {name} | " + " | ".join(f"{ms(values, q):.0f}" for q in (50, 90, 95, 99)) + " |")
     print("\nStatus code distribution:")
     for status, n in results.statuses.most_common():

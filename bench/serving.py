@@ -37,7 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from client import BildClient  # noqa: E402
+from client import BildClient
 
 PROMPTS = Path(__file__).with_name("chat.jsonl")
 MODES = ("large", "exact", "bild")
@@ -114,8 +114,12 @@ async def run_mode(target: str, rows: list, mode: str, streams: int, requests: i
 
 
 def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         sys.stderr.write(line)
         match = re.search(r"listening on [^ ]+:(\d+)", line)
@@ -127,14 +131,18 @@ def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
     # Keep draining its output so that it never blocks on a full pipe.
     import threading
 
-    threading.Thread(target=lambda: [sys.stderr.write(line) for line in proc.stdout if "ERROR" in line],
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: [sys.stderr.write(line) for line in proc.stdout if "ERROR" in line], daemon=True
+    ).start()
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return proc, target
             except grpc.RpcError:
                 pass
@@ -145,13 +153,16 @@ def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
 def engine_rows(prompts: list, n: int, max_new: int, rounds: int) -> list[str]:
     """The engine alone, stepped on this process's main thread, batch 1, the same prompts."""
     import engine_speed
+
     from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS
     from scheduler.pair import load_pair
 
     pair = load_pair(SMOLLM2_ALIAS, str(DEFAULT_SMALL_DIR))
     tok = pair.tokenizer
-    ids = [tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
-           for m in prompts[:n]]
+    ids = [
+        tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+        for m in prompts[:n]
+    ]
     return engine_speed.table(pair, ids, [1], max_new, rounds, {})
 
 
@@ -163,23 +174,40 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--server-args", default="", help="extra bild-server flags, as one string")
-    ap.add_argument("--engine-prompts", type=int, default=16, help="prompts for the engine-only batch-1 table (0: skip it)")
+    ap.add_argument(
+        "--engine-prompts", type=int, default=16, help="prompts for the engine-only batch-1 table (0: skip it)"
+    )
     ap.add_argument("--out", type=Path, help="also write the report here (markdown)")
     args = ap.parse_args()
 
     rows = [json.loads(line)["messages"] for line in PROMPTS.read_text().splitlines() if line.strip()]
     proc, target = start_server(args.server_args.split())
     pids = server_pids(proc.pid)
+    server_args = f" --server-args {args.server_args!r}" if args.server_args else ""
+    columns = [
+        "streams",
+        "mode",
+        "tokens/s",
+        "speed-up vs large",
+        "same tokens as large",
+        "small-token share",
+        "first token p50",
+        "client CPU",
+        "server CPU",
+    ]
     lines = [
-        f"# Through the gRPC server ({datetime.date.today()}, {os.cpu_count()}-core {platform.machine()} CPU)", "",
+        f"# Through the gRPC server ({datetime.date.today()}, {os.cpu_count()}-core {platform.machine()} CPU)",
+        "",
         f"`python bench/serving.py --streams {' '.join(map(str, args.streams))} --rounds {args.rounds} "
-        f"--max-new-tokens {args.max_new_tokens}{' --server-args ' + repr(args.server_args) if args.server_args else ''}`",
-        "", f"bild-server with default flags{' and ' + args.server_args if args.server_args else ''}; "
+        f"--max-new-tokens {args.max_new_tokens}{server_args}`",
+        "",
+        f"bild-server with default flags{' and ' + args.server_args if args.server_args else ''}; "
         f"{len(rows)} chat prompts from bench/chat.jsonl, greedy, {args.max_new_tokens} new tokens; "
         f"{args.requests_per_stream} requests per stream (at least 8) per run; {args.rounds} rounds, every other one "
-        f"in reverse order; tokens/s are medians, speed-ups means (with their range) over the rounds.", "",
-        "| streams | mode | tokens/s | speed-up vs large | same tokens as large | small-token share | first token p50 | client CPU | server CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"in reverse order; tokens/s are medians, speed-ups means (with their range) over the rounds.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     print("\n".join(lines), flush=True)
     try:
@@ -190,14 +218,18 @@ def main() -> None:
                 # Every other round in reverse order: the machine's speed drifts by several percent
                 # within minutes, and this way a steady drift cancels out of the ratios.
                 for mode in args.modes if round_ % 2 == 0 else reversed(args.modes):
-                    runs[mode].append(asyncio.run(run_mode(target, rows, mode, streams, requests,
-                                                           args.max_new_tokens, pids)))
+                    runs[mode].append(
+                        asyncio.run(run_mode(target, rows, mode, streams, requests, args.max_new_tokens, pids))
+                    )
             reference = runs["large"][0].outputs if "large" in runs else {}
             for mode in args.modes:
                 rs = runs[mode]
                 rates = [r.tokens / r.seconds for r in rs]
-                ratios = [r.tokens / r.seconds / (b.tokens / b.seconds) for r, b in zip(rs, runs["large"])] \
-                    if "large" in runs else [float("nan")]
+                ratios = (
+                    [r.tokens / r.seconds / (b.tokens / b.seconds) for r, b in zip(rs, runs["large"])]
+                    if "large" in runs
+                    else [float("nan")]
+                )
                 same = total = 0
                 for i, ids in rs[-1].outputs.items():
                     ref = reference.get(i, [])
@@ -206,12 +238,14 @@ def main() -> None:
                 tokens = sum(r.tokens for r in rs)
                 wall = sum(r.seconds for r in rs)
                 errors = sum(r.errors for r in rs)
-                line = (f"| {streams} | {mode} | {statistics.median(rates):.1f} | {statistics.mean(ratios):.2f}x"
-                        f"{f' ({min(ratios):.2f}-{max(ratios):.2f})' if len(ratios) > 1 else ''} | "
-                        f"{same / max(1, total):.1%} | {sum(r.small_tokens for r in rs) / max(1, tokens):.1%} | "
-                        f"{statistics.median([t for r in rs for t in r.first_token]) * 1e3:.0f} ms | "
-                        f"{sum(r.client_cpu for r in rs) / wall:.0%} | {sum(r.server_cpu for r in rs) / wall:.0%} |"
-                        + (f" {errors} errors" if errors else ""))
+                line = (
+                    f"| {streams} | {mode} | {statistics.median(rates):.1f} | {statistics.mean(ratios):.2f}x"
+                    f"{f' ({min(ratios):.2f}-{max(ratios):.2f})' if len(ratios) > 1 else ''} | "
+                    f"{same / max(1, total):.1%} | {sum(r.small_tokens for r in rs) / max(1, tokens):.1%} | "
+                    f"{statistics.median([t for r in rs for t in r.first_token]) * 1e3:.0f} ms | "
+                    f"{sum(r.client_cpu for r in rs) / wall:.0%} | {sum(r.server_cpu for r in rs) / wall:.0%} |"
+                    + (f" {errors} errors" if errors else "")
+                )
                 lines.append(line)
                 print(line, flush=True)
     finally:
@@ -219,8 +253,12 @@ def main() -> None:
         proc.wait(120)
     lines += ["", "CPU shares are of one core (200% is the whole 2-core machine)."]
     if args.engine_prompts:
-        lines += ["", f"The engine alone (the scheduler stepped on the main thread, no server), batch 1, the first "
-                  f"{args.engine_prompts} of the same prompts, {args.rounds} rounds:", ""]
+        lines += [
+            "",
+            f"The engine alone (the scheduler stepped on the main thread, no server), batch 1, the first "
+            f"{args.engine_prompts} of the same prompts, {args.rounds} rounds:",
+            "",
+        ]
         table = engine_rows(rows, args.engine_prompts, args.max_new_tokens, args.rounds)
         lines += table
         print("\n".join(table), flush=True)

@@ -1,22 +1,14 @@
 """Linear layers arranged for the CPU kernels that run them fastest at decoding shapes.
 
 With torch 2.13 on an x86 CPU, `F.linear(x, W)` is slow for the few-row products that decoding and
-verification make, and very slow for 2 or 3 rows. Measured on the 2-core build machine:
-
-    SmolLM2's 49,152 x 576 output head, rows:   1     2     3     4     8
-        F.linear                               9.7  21.9  32.7  16.2  15.4 ms
-        below                                  4.4   3.0   4.0   4.0   7.0 ms
-
-    SmolLM2-135M, one forward at batch 1 over a 100-token cache, new tokens:   1   2   3   4
-        stock linears                                                        51  68  78  69 ms
-        below                                                                47  46  51  48 ms
-
-The 2- to 4-token forwards are exactly what verifying a short draft costs, so this decides whether
-BiLD can pay on a CPU at all. Several rows compute W @ x^T, which streams W once; one row through
-the output head uses a transposed copy of W (a GEMV over contiguous columns).
+verification make, and slower at 2 or 3 rows than at 4. Those 2- to 4-token forwards are exactly
+what verifying a short draft costs, so this decides whether BiLD can pay on a CPU at all. Several
+rows compute W @ x^T, which streams W once; one row runs as two (see `product`).
 
 The replacement only changes the arithmetic while a runner's forward is active (see `active()`);
 anyone else calling the same model, such as a benchmark's transformers baseline, gets stock layers.
+A draft's restricted output head (output_vocab.py) has a switch of its own, which the runner turns
+on beside this one.
 """
 
 from __future__ import annotations
@@ -32,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MAX_ROWS = 256  # W @ x^T beats F.linear up to here (measured up to 256); prefill chunks keep the stock kernel
+MAX_ROWS = 256  # W @ x^T beat F.linear at every row count measured, up to this; prefill chunks keep the stock kernel
 _state = threading.local()
 
 
@@ -40,9 +32,9 @@ def product(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """flat @ weight.T for a few rows, arranged for the kernels that run it fastest here.
 
     The result is made contiguous: a transposed view would hand every later product of the layer
-    its input in the layout the slow kernels take (2 new tokens: 42 ms a forward instead of 32).
+    its input in the layout the slow kernels take.
     """
-    if flat.shape[0] == 1:  # one row as two: a GEMM streams the weights ~2.5x faster than a GEMV
+    if flat.shape[0] == 1:  # one row as two: a GEMM streams the weights faster than a GEMV does
         return (weight @ torch.cat([flat, flat]).T)[:, :1].T.contiguous()
     return (weight @ flat.T).T.contiguous()
 

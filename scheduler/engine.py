@@ -9,6 +9,7 @@ process dies, every open stream ends with an error and `on_failure` is called.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import threading
@@ -111,9 +112,16 @@ class Engine:
         context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
         self._conn, child = context.Pipe()
         self._process = context.Process(
-            target=run_engine_core, name="bild-engine", daemon=True,
-            args=(child, self._load, self.config.scheduler_config(), self.config.cost_profile,
-                  logging.getLogger().getEffectiveLevel()),
+            target=run_engine_core,
+            name="bild-engine",
+            daemon=True,
+            args=(
+                child,
+                self._load,
+                self.config.scheduler_config(),
+                self.config.cost_profile,
+                logging.getLogger().getEffectiveLevel(),
+            ),
         )
         self._process.start()
         child.close()
@@ -167,10 +175,8 @@ class Engine:
                 self._send(("cancel", request_id))
 
     def _send(self, message: tuple) -> None:  # with self._lock held
-        try:
+        with contextlib.suppress(OSError, ValueError):  # the engine is gone; the reader thread reports it
             self._conn.send(message)
-        except (OSError, ValueError):
-            pass  # the engine is gone; the reader thread reports it
 
     @property
     def iterations(self) -> int:
@@ -188,15 +194,19 @@ class Engine:
     def load(self) -> dict[str, int]:
         """A snapshot for metrics and health: how full the engine is."""
         s = self.snapshot
-        return {"running": s.running, "waiting": s.waiting, "free_slots": s.free_slots,
-                "reserved_tokens": s.reserved_tokens}
+        return {
+            "running": s.running,
+            "waiting": s.waiting,
+            "free_slots": s.free_slots,
+            "reserved_tokens": s.reserved_tokens,
+        }
 
     # ---- reader thread -----------------------------------------------------------------
 
     def _read(self) -> None:
         while True:
             try:
-                kind, outputs, snapshot = self._conn.recv()
+                _kind, outputs, snapshot = self._conn.recv()
             except (EOFError, OSError):
                 break
             self.snapshot = snapshot
@@ -227,7 +237,5 @@ class Engine:
                 output = StepOutput(stream.request, wire.tokens, wire.finish, wire.stop_reason, wire.logprobs)
                 by_loop[stream.loop].append((stream, output))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:
-                pass  # that event loop is closed: nobody is listening any more

@@ -3,10 +3,10 @@
 Why a process of its own: PyTorch's CPU kernels run on an OpenMP team, and libgomp throttles the
 spinning of its worker threads whenever a process holds more OpenMP threads than cores. A second
 Python thread that runs torch (loading on one thread, stepping on another, as an engine thread in
-the server did) owns a second team, and then every small product pays a wake-up: on 2 cores a
-large forward over 4 new tokens took 49 ms on the main thread and 81-96 ms on another one. Here a
-single thread does all model work. The process also keeps the server's Python work (gRPC, the
-detokenizer) off this loop's GIL, as vLLM v1's engine core does.
+the server did) owns a second team, and then every small product pays a wake-up: on 2 cores the
+same forward took far longer on a second thread than on the main one. Here a single thread does
+all model work. The process also keeps the server's Python work (gRPC, the detokenizer) off this
+loop's GIL, as vLLM v1's engine core does.
 
 The protocol over one duplex pipe:
   parent -> core  ("add", Request) | ("cancel", request_id) | ("stop",)
@@ -126,8 +126,12 @@ class EngineCore:
         s = self.scheduler
         runners = [r for r in (s.small, s.large) if r is not None]
         return EngineSnapshot(
-            running=len(s.running), waiting=len(s.waiting), free_slots=s.free_slots,
-            reserved_tokens=s.reserved_tokens, iterations=self.iterations, busy_seconds=self.busy_seconds,
+            running=len(s.running),
+            waiting=len(s.waiting),
+            free_slots=s.free_slots,
+            reserved_tokens=s.reserved_tokens,
+            iterations=self.iterations,
+            busy_seconds=self.busy_seconds,
             forward_seconds=sum(r.forward_seconds for r in runners),
         )
 
@@ -156,7 +160,8 @@ class EngineCore:
                 try:
                     outputs += scheduler.step()
                 except Exception:
-                    # A failed forward must not take the server down: end what was in the batch, go on.
+                    # The scheduler contains a fault to the requests that cause it; one outside them
+                    # all (in isolation itself) must still not take the server down.
                     log.exception("engine iteration failed; ending the requests in the batch")
                     outputs += scheduler.abort_running(FinishReason.ERROR)
                 self.iterations += 1
@@ -164,8 +169,10 @@ class EngineCore:
             snapshot = self.snapshot()
             load = replace(snapshot, iterations=0, busy_seconds=0.0, forward_seconds=0.0)
             if outputs or load != last_sent:  # an idle engine sends nothing
-                wire = [WireOutput(o.request.request_id, o.tokens, o.finish, o.stop_reason, o.logprobs,
-                                   o.request.stats) for o in outputs]
+                wire = [
+                    WireOutput(o.request.request_id, o.tokens, o.finish, o.stop_reason, o.logprobs, o.request.stats)
+                    for o in outputs
+                ]
                 try:
                     conn.send(("outputs", wire, snapshot))
                 except (BrokenPipeError, OSError):

@@ -59,11 +59,6 @@ class SlotKVCache:
         self.layout: BatchLayout | None = None
         self.is_sliding = [False] * num_layers  # transformers 5.1x reads this per layer
 
-    @property
-    def bytes_per_token(self) -> int:
-        k = self.keys[0]
-        return 2 * len(self.keys) * k.shape[1] * k.shape[3] * k.element_size()
-
     def prepare(self, layout: BatchLayout) -> None:
         if layout.kv_len > self._zeroed_upto:
             # Grow the zeroed region in chunks so this stays rare.

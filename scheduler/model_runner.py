@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from scheduler import cpu_linear
+from scheduler import cpu_linear, output_vocab
 from scheduler.kv_cache import BatchLayout, SlotKVCache
-
 
 
 @dataclass(frozen=True)
@@ -34,14 +33,13 @@ class CausalLMRunner:
     def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int) -> None:
         self.model = model
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            # The slot cache keeps every position; a sliding-window model would need its own mask.
-            if config.sliding_window < max_len:
-                raise ValueError(
-                    f"{config.model_type} uses sliding-window attention ({config.sliding_window} tokens), "
-                    f"which bild does not support beyond that window; set the context length at most "
-                    f"{config.sliding_window}"
-                )
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        # The slot cache keeps every position; a sliding-window model would need its own mask.
+        if window and window < max_len:
+            raise ValueError(
+                f"{config.model_type} uses sliding-window attention ({window} tokens), "
+                f"which bild does not support beyond that window; set the context length at most {window}"
+            )
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -61,12 +59,9 @@ class CausalLMRunner:
         # Products leave the padding out only where CpuLinear runs them (float32 on a CPU).
         self.pack = cpu_linear.install(model) > 0
         # run_as[n]: a forward over n tokens computes this many rows (n, or more where the CPU's
-        # kernels are faster at the larger count: on the 2-core build machine SmolLM2 takes 93 ms
-        # over 10 rows and 82 ms over 16). Set from the measured cost profile; empty: n rows.
+        # kernels happen to be faster at the larger count). Set from the measured cost profile
+        # (scheduler/profile.py); empty: n rows.
         self.run_as: list[int] = []
-
-    def initial_context(self, prompt: list[int]) -> list[int]:
-        return list(prompt)
 
     def next_token_logits(self, items: list[ForwardItem]) -> torch.Tensor:
         """Feed each item's tokens; return [B, V] logits of each item's last token (what comes next)."""
@@ -133,7 +128,8 @@ class CausalLMRunner:
                 token_rows = torch.cat([token_rows, extra]).sort().values
         started = time.perf_counter()
         try:
-            with cpu_linear.active(token_rows, is_token.numel()):
+            # Two switches: CpuLinear's arrangements (and packing), and a restricted output head.
+            with cpu_linear.active(token_rows, is_token.numel()), output_vocab.restricted():
                 out = self.model(
                     input_ids=input_ids,
                     position_ids=positions,

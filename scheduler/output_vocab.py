@@ -1,21 +1,24 @@
 """A draft's output head restricted to the tokens it was trained to predict.
 
-bild-align trains a draft only on the large model's own choices, about 14k distinct tokens of
-SmolLM2's 49k. It records them in `output_vocab.json` beside the weights; the draft then scores only
-those tokens inside a runner's forward, and every other token gets the lowest logit (probability 0).
-The draft's argmax and confidence on held-out prompts are unchanged by this (51.34% agreement
-either way), while its output head, the largest product of a draft step, has 3.5 times fewer rows
-and now fits the CPU's cache: a draft step in bild's runner went from 5.7 to 2.7 ms on the 2-core
-build machine (the head alone from 1.26 to 0.23 ms).
+bild-align trains a draft only on the large model's own choices, a fraction of the vocabulary. It
+records them in `output_vocab.json` beside the weights; the draft then scores only those tokens
+inside a runner's forward, and every other token gets the lowest logit (probability 0). The draft
+was never taught to pick any other token, so its argmax and confidence barely move, while its
+output head, the largest product of a draft step, loses most of its rows and can fit the CPU's
+cache (measured: bench/results/engine_speed.md).
 
-Like CpuLinear, the restriction applies only while a runner's forward is active; transformers'
-own `generate()` and training see the full head, so the saved model stays a plain transformers
-model.
+The restriction is a switch of its own, `restricted()`, which the runner turns on around its
+forwards; transformers' own `generate()` and training see the full head, so the saved model stays a
+plain transformers model. Inside a runner's forward the head also leaves out padding rows, as
+CpuLinear layers do (`cpu_linear.packed`).
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +28,23 @@ from torch.nn import functional as F
 from scheduler import cpu_linear
 
 FILENAME = "output_vocab.json"
+_state = threading.local()
+
+
+def is_restricted() -> bool:
+    """Whether SubsetHeads called from this thread score only their tokens (see `restricted()`)."""
+    return getattr(_state, "restricted", False)
+
+
+@contextmanager
+def restricted() -> Iterator[None]:
+    """SubsetHeads called from this thread inside the block score only their tokens."""
+    previous = is_restricted()
+    _state.restricted = True
+    try:
+        yield
+    finally:
+        _state.restricted = previous
 
 
 def save(directory: Path, token_ids: list[int], note: str) -> None:
@@ -43,7 +63,7 @@ def load(directory: Path) -> list[int] | None:
 
 
 class SubsetHead(nn.Module):
-    """An output head that, inside a runner's forward, scores only `token_ids`."""
+    """An output head that, inside `restricted()`, scores only `token_ids`."""
 
     def __init__(self, head: nn.Linear, token_ids: list[int]) -> None:
         super().__init__()
@@ -62,7 +82,7 @@ class SubsetHead(nn.Module):
             self.register_buffer("bias_sub", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not cpu_linear.is_active():
+        if not is_restricted():
             return F.linear(x, self.weight, self.bias)
         return cpu_linear.packed(x, self._scores, is_head=True)
 

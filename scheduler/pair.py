@@ -17,8 +17,6 @@ class ModelPair:
     large: PreTrainedModel
     small: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
-    large_name: str = "large"
-    small_name: str = ""
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -65,4 +63,4 @@ def load_pair(large: str, small: str | None, device: str = "cpu", dtype: str = "
         problem = tokenizer_mismatch(tokenizer, small_tokenizer)
         if problem:
             raise ValueError(f"the small model {small!r} does not share the large model's tokenizer: {problem}")
-    return ModelPair(large_model, small_model, tokenizer, large_name=large, small_name=small or "")
+    return ModelPair(large_model, small_model, tokenizer)

@@ -258,7 +258,9 @@ class CostTable:
 
     def run_as(self) -> list[int]:
         """For each token count n up to the last measured one, the count its forward should run as."""
-        return [0] + [self.tokens[self._best[bisect.bisect_left(self.tokens, n)]] for n in range(1, self.tokens[-1] + 1)]
+        return [0] + [
+            self.tokens[self._best[bisect.bisect_left(self.tokens, n)]] for n in range(1, self.tokens[-1] + 1)
+        ]
 
 
 @dataclass
@@ -344,9 +346,16 @@ def plan(rows: list[RowState], costs: CostModel, round_seconds: float) -> Plan:
     cost so far. Continuing it lets the chosen rows draft one more token; ending it checks every row
     that waits for the large model in one forward.
     """
-    always = [i for i, r in enumerate(rows) if r.kind is Kind.SMALL or (r.kind is Kind.DRAFTS and r.independent and r.can_draft)]
-    waiting = [i for i, r in enumerate(rows) if r.kind is Kind.LARGE
-               or (r.kind is Kind.DRAFTS and not (r.independent and r.can_draft))]
+    always = [
+        i
+        for i, r in enumerate(rows)
+        if r.kind is Kind.SMALL or (r.kind is Kind.DRAFTS and r.independent and r.can_draft)
+    ]
+    waiting = [
+        i
+        for i, r in enumerate(rows)
+        if r.kind is Kind.LARGE or (r.kind is Kind.DRAFTS and not (r.independent and r.can_draft))
+    ]
     optional = [i for i in waiting if rows[i].kind is Kind.DRAFTS and rows[i].can_draft]
     if not optional:  # nobody may draft: check whoever waits
         return Plan(always, waiting)
@@ -368,8 +377,14 @@ def plan(rows: list[RowState], costs: CostModel, round_seconds: float) -> Plan:
     for i in order:
         chosen.append(i)
         tokens += gain[i]
-        seconds = (seconds_now + costs.step + small_cost(always + chosen) - base_small
-                   + costs.large(len(waiting), width + len(chosen)) - costs.large(len(waiting), width))
+        seconds = (
+            seconds_now
+            + costs.step
+            + small_cost(always + chosen)
+            - base_small
+            + costs.large(len(waiting), width + len(chosen))
+            - costs.large(len(waiting), width)
+        )
         if tokens / seconds > best_rate:
             best_rate, best = tokens / seconds, list(chosen)
     if best:

@@ -67,16 +67,23 @@ def _key(runners: tuple[CausalLMRunner, CausalLMRunner], counts: list[int], max_
     parts = []
     for runner in runners:
         head = runner.model.get_output_embeddings()
-        parts.append({
-            "config": runner.model.config.to_dict(),
-            "parameters": sum(p.numel() for p in runner.model.parameters()),
-            "head": [type(head).__name__, len(getattr(head, "token_ids", []))],
-            "dtype": str(runner.dtype), "device": str(runner.device), "pack": runner.pack,
-        })
+        parts.append(
+            {
+                "config": runner.model.config.to_dict(),
+                "parameters": sum(p.numel() for p in runner.model.parameters()),
+                "head": [type(head).__name__, len(getattr(head, "token_ids", []))],
+                "dtype": str(runner.dtype),
+                "device": str(runner.device),
+                "pack": runner.pack,
+            }
+        )
     machine = {
         "cpu": cpu_linear.machine_key(),
         "gpu": torch.cuda.get_device_name() if any(r.device.type == "cuda" for r in runners) else "",
-        "counts": counts, "rows": max_rows, "prefix": PREFIX, "version": VERSION,
+        "counts": counts,
+        "rows": max_rows,
+        "prefix": PREFIX,
+        "version": VERSION,
     }
     text = json.dumps([parts, machine], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

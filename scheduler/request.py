@@ -22,16 +22,17 @@ class FinishReason(enum.Enum):
 
 
 # Defaults. BiLD's code uses fallback 0.6, rollback 2 to 5 and 10 small tokens, for T5 pairs whose
-# small model agrees far better than a draft made in two hours on a CPU can. With the shipped
-# SmolLM2 pair, rollback 3 (keep a small token the large model gives 5%) left only 55-61% of tokens
-# equal to large-only greedy output. Rollback 0.8 keeps a small token only where the large model
-# gives it at least 45%, i.e. where the large model itself hesitates: 97% equal tokens, and as
-# fast (held-out prompts, batch 1: 1.61x vs 1.37x of large-only; `bench/results/engine_speed.md`).
-# That criterion depends on the large model alone, so it carries over to other pairs. Fallback
-# 0.4 checks fewer drafts the small model is only half sure of: 1.56x vs 1.39x for exact mode there.
+# small model agrees far better than a draft aligned in hours on a CPU can. With such a draft, a
+# loose rollback threshold keeps many small tokens the large model finds unlikely, and the output
+# drifts far from large-only greedy output. Rollback 0.8 keeps a small token only where the large
+# model gives it at least exp(-0.8), about 45%, i.e. where the large model itself hesitates: the
+# output stays close to large-only greedy output, at no cost in speed (measured, see
+# bench/results/engine_speed.md). That criterion depends on the large model alone, so it carries
+# over to other pairs. Fallback 0.4 checks fewer drafts the small model is only half sure of.
 DEFAULT_FALLBACK_THRESHOLD = 0.4
 DEFAULT_ROLLBACK_THRESHOLD = 0.8
 DEFAULT_MAX_SMALL_TOKENS = 10
+DEFAULT_MAX_NEW_TOKENS = 256
 MAX_SMALL_TOKENS_LIMIT = 32  # it also bounds the width of the verification forward
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
@@ -40,7 +41,7 @@ MAX_STOP_TOKEN_IDS = 64
 @dataclass(frozen=True)
 class SamplingParams:
     mode: Mode = Mode.BILD
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD
     rollback_threshold: float = DEFAULT_ROLLBACK_THRESHOLD
     max_small_tokens: int = DEFAULT_MAX_SMALL_TOKENS

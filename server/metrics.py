@@ -30,10 +30,12 @@ class EngineCollector:
         ):
             yield GaugeMetricFamily(f"bild_engine_{name}", doc, value=load[name])
         yield CounterMetricFamily("bild_engine_iterations", "scheduler iterations run", value=engine.iterations)
-        yield CounterMetricFamily("bild_engine_busy_seconds", "seconds spent in scheduler iterations",
-                                  value=engine.busy_seconds)
-        yield CounterMetricFamily("bild_engine_forward_seconds", "seconds of those spent in model forwards",
-                                  value=engine.forward_seconds)
+        yield CounterMetricFamily(
+            "bild_engine_busy_seconds", "seconds spent in scheduler iterations", value=engine.busy_seconds
+        )
+        yield CounterMetricFamily(
+            "bild_engine_forward_seconds", "seconds of those spent in model forwards", value=engine.forward_seconds
+        )
 
 
 class Metrics:
@@ -42,16 +44,30 @@ class Metrics:
         self.registry.register(EngineCollector(engine_ref))
         r = self.registry
         self.requests = Counter("bild_requests", "finished requests", ["mode", "outcome"], registry=r)
-        self.tokens = Counter("bild_generated_tokens", "emitted tokens by the model that chose them",
-                              ["mode", "source"], registry=r)
-        self.fallbacks = Counter("bild_fallbacks", "times the large model was called to check drafts", ["mode"], registry=r)
+        self.tokens = Counter(
+            "bild_generated_tokens", "emitted tokens by the model that chose them", ["mode", "source"], registry=r
+        )
+        self.fallbacks = Counter(
+            "bild_fallbacks", "times the large model was called to check drafts", ["mode"], registry=r
+        )
         self.rollbacks = Counter("bild_rollbacks", "drafts cut by the rollback policy", ["mode"], registry=r)
-        self.first_token = Histogram("bild_time_to_first_token_seconds", "arrival to first settled token",
-                                     ["mode"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queued = Histogram("bild_queue_seconds", "arrival to admission into the batch", ["mode"],
-                                buckets=LATENCY_BUCKETS, registry=r)
-        self.duration = Histogram("bild_request_seconds", "whole request, as the service saw it", ["mode"],
-                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token = Histogram(
+            "bild_time_to_first_token_seconds",
+            "arrival to first settled token",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queued = Histogram(
+            "bild_queue_seconds", "arrival to admission into the batch", ["mode"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.duration = Histogram(
+            "bild_request_seconds",
+            "whole request, as the service saw it",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def observe(self, mode: str, outcome: str, stats: RequestStats | None, seconds: float) -> None:
         self.requests.labels(mode, outcome).inc()

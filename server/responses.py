@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from bild.v1 import bild_pb2
 from transformers import PreTrainedTokenizerBase
 
-from bild.v1 import bild_pb2
 from scheduler.logprobs import TokenLogprob
 from scheduler.request import FinishReason, RequestStats
 from scheduler.scheduler import StepOutput

@@ -96,7 +96,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(PROTECTED_PREFIX) or self._authorized(details.invocation_metadata):
+        if (
+            handler is None
+            or not details.method.startswith(PROTECTED_PREFIX)
+            or self._authorized(details.invocation_metadata)
+        ):
             return handler
         return _refusal(handler)
 

@@ -9,6 +9,7 @@ from scheduler.policy import CostModel, CostTable
 from scheduler.request import Mode, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
+
 def smollm2_costs() -> CostModel:
     """Forward costs as measured for SmolLM2-135M and its draft on the 2-core build machine.
 
@@ -18,8 +19,9 @@ def smollm2_costs() -> CostModel:
     tokens = [1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 48, 64, 80, 96, 112, 128, 192, 256]
     large = [53, 45, 49, 52, 60, 66, 71, 80, 86, 117, 160, 200, 240, 280, 320, 360, 500, 620]
     small = [3.4, 3.6, 3.9, 4.1, 4.5, 5, 5.5, 6.5, 7, 9, 12, 14, 17, 19, 22, 24, 32, 40]
-    return CostModel(CostTable(tokens, [x / 1000 for x in large]), CostTable(tokens, [x / 1000 for x in small]),
-                     adapt=False)
+    return CostModel(
+        CostTable(tokens, [x / 1000 for x in large]), CostTable(tokens, [x / 1000 for x in small]), adapt=False
+    )
 
 
 def free_verification() -> CostModel:
@@ -27,20 +29,31 @@ def free_verification() -> CostModel:
     return CostModel(CostTable([1], [0.05]), CostTable([1], [0.001]), adapt=False)
 
 
-def make_scheduler(large, small, eos: set[int], slots: int = 8, max_len: int = 512, costs: CostModel | None = None,
-                   **config) -> Scheduler:
+def make_scheduler(
+    large, small, eos: set[int], slots: int = 8, max_len: int = 512, costs: CostModel | None = None, **config
+) -> Scheduler:
     """By default with forward costs where drafting always pays (`free_verification`), so that the
     small model takes part; `costs="measured"` measures the models given."""
-    cfg = SchedulerConfig(max_num_seqs=slots, max_num_tokens=config.pop("max_num_tokens", slots * max_len),
-                          max_seq_len=max_len, **config)
+    cfg = SchedulerConfig(
+        max_num_seqs=slots, max_num_tokens=config.pop("max_num_tokens", slots * max_len), max_seq_len=max_len, **config
+    )
     if small is not None and costs is None:
         costs = free_verification()
-    return Scheduler(CausalLMRunner(small, slots, max_len) if small is not None else None,
-                     CausalLMRunner(large, slots, max_len), cfg, eos, None if costs == "measured" else costs)
+    return Scheduler(
+        CausalLMRunner(small, slots, max_len) if small is not None else None,
+        CausalLMRunner(large, slots, max_len),
+        cfg,
+        eos,
+        None if costs == "measured" else costs,
+    )
 
 
-def run(scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-        join_at: list[int] | None = None) -> tuple[list[list[int]], list[Request]]:
+def run(
+    scheduler: Scheduler,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    join_at: list[int] | None = None,
+) -> tuple[list[list[int]], list[Request]]:
     """Run to completion; prompt i is submitted before iteration join_at[i]. Returns tokens and requests."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     requests = [Request(str(i), p, q) for i, (p, q) in enumerate(zip(prompts, params))]
@@ -67,9 +80,10 @@ def run(scheduler: Scheduler, prompts: list[list[int]], params: SamplingParams |
 def greedy_reference(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
     """The large model's own greedy decoding, by transformers' generate."""
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=eos)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def params(mode: Mode, max_new_tokens: int = 32, **kw) -> SamplingParams:

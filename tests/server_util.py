@@ -55,7 +55,9 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess
     """Start `bild-server --port 0 ARGS`; return once it listens (models may still be loading)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "--port", "0", *args],
-        stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True,
+        stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, **(env or {})},
     )
     log: list[str] = []

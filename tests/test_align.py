@@ -29,10 +29,20 @@ def tiny_large(tmp_path_factory) -> Path:
     drawn 10x wider than the usual init: at the usual scale it answers every prompt with one token
     repeated, which no small model could disagree with."""
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny_large")
@@ -42,8 +52,21 @@ def tiny_large(tmp_path_factory) -> Path:
 
 
 def _args(large: Path, work: Path, out: Path):
-    return build_parser().parse_args(["--smoke", "--large", str(large), "--work-dir", str(work), "--out", str(out),
-                                      "--train-steps", "20", "--seed", "3"])
+    return build_parser().parse_args(
+        [
+            "--smoke",
+            "--large",
+            str(large),
+            "--work-dir",
+            str(work),
+            "--out",
+            str(out),
+            "--train-steps",
+            "20",
+            "--seed",
+            "3",
+        ]
+    )
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -129,19 +152,42 @@ def test_labelling_a_continuation_reproduces_what_generation_recorded(tiny_large
 def test_onpolicy_stage_trains_on_continuations_the_small_model_wrote(tiny_large: Path, tmp_path: Path) -> None:
     work, out = tmp_path / "work", tmp_path / "out"
     # Three first-stage steps leave the small model far from the large one, so their continuations differ.
-    args = build_parser().parse_args(["--smoke", "--large", str(tiny_large), "--work-dir", str(work), "--out", str(out),
-                                      "--train-steps", "3", "--onpolicy-minutes", "5", "--retrain-steps", "10", "--no-cost"])
+    args = build_parser().parse_args(
+        [
+            "--smoke",
+            "--large",
+            str(tiny_large),
+            "--work-dir",
+            str(work),
+            "--out",
+            str(out),
+            "--train-steps",
+            "3",
+            "--onpolicy-minutes",
+            "5",
+            "--retrain-steps",
+            "10",
+            "--no-cost",
+        ]
+    )
     result = run(args)
     assert result["final"] and result["step"] == 10 and result["onpolicy_tokens"] > 0
     assert result["train_tokens"] > result["onpolicy_tokens"], "the second stage trains on all the data"
     assert result["history"] and result["history"][-1]["stage"] == 2
-    (first,) = [c for c in (work / "train").glob("*/checkpoint.pt") if "after" not in json.loads((c.parent / "signature.json").read_text())]
+    (first,) = [
+        c
+        for c in (work / "train").glob("*/checkpoint.pt")
+        if "after" not in json.loads((c.parent / "signature.json").read_text())
+    ]
     assert len(list((work / "train").glob("*/checkpoint.pt"))) == 2
 
     def load(kind: str) -> dict[tuple, dict]:
         (data_dir,) = (work / "data").glob(f"train-{kind}-*")
-        return {tuple(r["prompt_ids"].tolist()): r for f in sorted(data_dir.glob("shard_*.pt"))
-                for r in torch.load(f, weights_only=True)}
+        return {
+            tuple(r["prompt_ids"].tolist()): r
+            for f in sorted(data_dir.glob("shard_*.pt"))
+            for r in torch.load(f, weights_only=True)
+        }
 
     greedy, onpolicy = load("greedy"), load("onpolicy")
     assert onpolicy.keys() == greedy.keys(), "the small model continues the same training prompts"
@@ -156,7 +202,7 @@ def test_onpolicy_stage_trains_on_continuations_the_small_model_wrote(tiny_large
         for _ in range(record["cont_ids"].numel()):
             logits = writer(input_ids=torch.tensor([ids])).logits[0, -1].masked_fill(outside, float("-inf"))
             ids.append(int(logits.argmax()))
-        assert ids[len(prompt):] == record["cont_ids"].tolist()
+        assert ids[len(prompt) :] == record["cont_ids"].tolist()
         assert record["topk_ids"].shape == (record["cont_ids"].numel(), args.topk)
     # Rerunning the finished command redoes nothing and gives the same model.
     before = _weights(out)

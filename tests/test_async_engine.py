@@ -41,8 +41,7 @@ def test_stream_cancel_frees_the_slot(pair):
         deadline = time.monotonic() + 30
         while engine.load()["free_slots"] != 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        assert engine.load() == {"running": 1, "waiting": 0, "free_slots": 1,
-                                 "reserved_tokens": 2 + 400}
+        assert engine.load() == {"running": 1, "waiting": 0, "free_slots": 1, "reserved_tokens": 2 + 400}
         streams[1].cancel()
         outs = [out async for out in streams[1]]
         assert outs[-1].finish is FinishReason.CANCELLED

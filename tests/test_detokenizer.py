@@ -8,7 +8,7 @@ TEXT = "Héllo wörld — ça va? 日本語のテキスト 🙂🙂 done.\n  ind
 def pieces(tokenizer, text: str) -> list[str]:
     detok = IncrementalDetokenizer(tokenizer)
     out = [detok.push([t]) for t in tokenizer.encode(text, add_special_tokens=False)]
-    return out + [detok.flush()]
+    return [*out, detok.flush()]
 
 
 def test_pieces_never_split_a_character_and_add_up_to_the_text():
@@ -22,5 +22,5 @@ def test_pieces_never_split_a_character_and_add_up_to_the_text():
 def test_special_tokens_are_not_rendered():
     tokenizer = tiny.build_tokenizer()
     detok = IncrementalDetokenizer(tokenizer)
-    ids = tokenizer.encode("hi", add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = [*tokenizer.encode("hi", add_special_tokens=False), tokenizer.eos_token_id]
     assert detok.push(ids) + detok.flush() == "hi"

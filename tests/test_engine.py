@@ -16,8 +16,10 @@ MAX_NEW = 40
 
 @pytest.fixture(scope="module")
 def models(tiny_dirs):
-    load = lambda name: AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32).eval()  # noqa: E731
-    return {name: load(name) for name in ("large", "draft", "unrelated")}
+    return {
+        name: AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32).eval()
+        for name in ("large", "draft", "unrelated")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,11 @@ def test_pending_drafts_ride_along_whenever_the_large_model_runs(models, prompts
     """Whenever the large model runs, every sequence's drafts are checked in it (unless it asked for
     batch-independent output): one large forward serves the whole batch."""
     scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4)
-    mixed = [params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True),
-             params(Mode.BILD, MAX_NEW, fallback_threshold=0.5, ignore_eos=True),
-             params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True, temperature=1.0, seed=1)] * 2
+    mixed = [
+        params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True),
+        params(Mode.BILD, MAX_NEW, fallback_threshold=0.5, ignore_eos=True),
+        params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True, temperature=1.0, seed=1),
+    ] * 2
     outputs, requests = run(scheduler, prompts[:4], mixed[:4])
     assert outputs[0] == greedy_reference(models["large"], prompts[0], MAX_NEW, -1)
     # The longest-running one took part in every large forward (its prefill included).
@@ -64,14 +68,15 @@ def test_pending_drafts_ride_along_whenever_the_large_model_runs(models, prompts
     assert scheduler.large.forward_calls < MAX_NEW  # and drafts were accepted
     # A batch-independent request keeps to its own fallbacks, so that it repeats alone and in any batch.
     scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4)
-    sampled = params(Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True, temperature=1.0, seed=1,
-                     batch_independent=True)
+    sampled = params(
+        Mode.EXACT, MAX_NEW, fallback_threshold=0.5, ignore_eos=True, temperature=1.0, seed=1, batch_independent=True
+    )
     _, requests = run(scheduler, prompts[:4], sampled)
     assert max(r.stats.large_forward_calls for r in requests) < scheduler.large.forward_calls
 
 
 def test_a_busy_batch_decodes_with_the_large_model_alone_where_drafts_cannot_pay(models, prompts):
-    """With a real pair's costs (SmolLM2 on a 2-core CPU), drafts pay for one sequence, not for 24."""
+    """With a real pair's costs (SmolLM2 on a 2-core CPU), drafts pay for one sequence, not for 32."""
     many = (prompts * 4)[:32]
     refs = [greedy_reference(models["large"], p, MAX_NEW, -1) for p in many]
     for mode in (Mode.EXACT, Mode.BILD):
@@ -92,7 +97,7 @@ def test_a_busy_batch_decodes_with_the_large_model_alone_where_drafts_cannot_pay
 @pytest.mark.parametrize("load", [1, 3, 8, 24])
 def test_exact_equals_large_greedy_at_every_load(models, prompts, load):
     """With a real pair's costs the plan drafts at low load and not at high: exact is lossless throughout."""
-    many = (prompts * 3)[:load * 2 if load > 1 else 3]
+    many = (prompts * 3)[: load * 2 if load > 1 else 3]
     refs = [greedy_reference(models["large"], p, MAX_NEW, EOS) for p in many]
     scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=load, costs=smollm2_costs())
     join_at = [i * 3 for i in range(len(many))]  # the batch fills, stays full, then drains
@@ -165,9 +170,8 @@ def test_bild_takes_drafts_the_large_model_would_not(models, prompts, references
     loose = params(Mode.BILD, MAX_NEW, fallback_threshold=0.2, rollback_threshold=20.0)
     outputs, requests = run(scheduler, prompts, loose)
     assert outputs != references
-    exact, exact_requests = run(scheduler, prompts, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2))
-    calls = lambda rs: sum(r.stats.large_forward_calls for r in rs)  # noqa: E731
-    assert calls(requests) < calls(exact_requests)
+    _exact, exact_requests = run(scheduler, prompts, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2))
+    assert sum(r.stats.large_forward_calls for r in requests) < sum(r.stats.large_forward_calls for r in exact_requests)
 
 
 def test_eos_and_max_new_tokens(models, prompts):
@@ -214,8 +218,11 @@ def test_cancel_frees_the_slot(models, prompts):
     assert [o.finish for o in outputs if o.request is first] == [FinishReason.CANCELLED]
     assert scheduler.free_slots == 1 and "a" not in scheduler.running
     # The freed slot serves a new request whose output is what it would be alone.
-    alone, _ = run(make_scheduler(models["large"], models["draft"], {EOS}, slots=1), [prompts[2]],
-                   params(Mode.EXACT, 30, fallback_threshold=0.2))
+    alone, _ = run(
+        make_scheduler(models["large"], models["draft"], {EOS}, slots=1),
+        [prompts[2]],
+        params(Mode.EXACT, 30, fallback_threshold=0.2),
+    )
     third = Request("c", prompts[2], params(Mode.EXACT, 30, fallback_threshold=0.2))
     scheduler.add(third)
     got = []
@@ -274,3 +281,45 @@ def test_models_with_padded_vocabularies_of_different_sizes_work_together(models
     for kw in (dict(), dict(temperature=1.0, seed=3)):
         outputs, _ = run(scheduler, prompts[:4], SamplingParams(mode=Mode.EXACT, max_new_tokens=20, **kw))
         assert all(0 <= t < tiny.VOCAB for out in outputs for t in out)
+
+
+@pytest.mark.parametrize("where", ["prefill", "draft", "verify"])
+def test_a_forward_that_fails_for_one_request_ends_only_that_request(models, prompts, references, where):
+    """Fault injection: a forward raises whenever one request (the victim) is in it, from its 3rd
+    call on. The victim ends with ERROR; every other request still gets the large model's output."""
+    from scheduler.request import FinishReason
+
+    # A 16-token prefill budget: the victim's 40-token prompt takes three iterations to read.
+    scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=4, max_prefill_tokens=16)
+    runner = scheduler.small if where == "draft" else scheduler.large
+    method = "next_token_logits" if where in ("prefill", "draft") else "token_logits"
+    victim = "3"
+    calls = {"n": 0}
+    real = getattr(runner, method)
+
+    def faulty(items):
+        seq = scheduler.running.get(victim)
+        if seq is not None and seq.slot in {item.slot for item in items}:
+            calls["n"] += 1
+            if calls["n"] >= (1 if where == "prefill" else 3):
+                raise RuntimeError(f"injected fault in the {where} forward")
+        return real(items)
+
+    setattr(runner, method, faulty)
+    finishes = {}
+    step = scheduler.step
+
+    def recording_step():
+        outs = step()
+        finishes.update((o.request.request_id, o.finish) for o in outs if o.finish is not None)
+        return outs
+
+    scheduler.step = recording_step
+    outputs, requests = run(scheduler, prompts, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2), JOIN_AT)
+    assert calls["n"] > 0
+    for request, out, ref in zip(requests, outputs, references):
+        if request.request_id == victim:
+            continue
+        assert out == ref, request.request_id
+    assert finishes.pop(victim) is FinishReason.ERROR
+    assert set(finishes.values()) <= {FinishReason.EOS, FinishReason.LENGTH}

@@ -25,12 +25,25 @@ def node_modules():
 
 
 def test_node_client_finds_generate_by_reflection_and_streams(tiny_dirs, node_modules):
-    server = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--context-length", "512",
-                          "--fallback-threshold", "0.2")
+    server = start_server(
+        "--large",
+        tiny_dirs["large"],
+        "--small",
+        tiny_dirs["draft"],
+        "--context-length",
+        "512",
+        "--fallback-threshold",
+        "0.2",
+    )
     try:
         server.wait_serving()
-        out = subprocess.run(["node", "generate.js", server.target, "Hello from Node", "24"], cwd=JS,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            ["node", "generate.js", server.target, "Hello from Node", "24"],
+            cwd=JS,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         result = json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from bild.v1 import bild_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bild.v1 import bild_pb2
 from client import BildClient
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 from tests.server_util import start_server
@@ -113,7 +113,9 @@ def test_when_the_engine_process_dies_streams_fail_and_the_server_exits_1(tiny_d
     server = start_server("--large", tiny_dirs["large"], "--no-small", "--drain-delay", "0")
     try:
         server.wait_serving()
-        engine = next(pid for pid in children(server.proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        engine = next(
+            pid for pid in children(server.proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
 
         async def scenario():
             async with BildClient(server.target) as client:

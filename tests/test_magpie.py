@@ -16,8 +16,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from align import magpie
 from align.cli import build_parser, run
 from align.generate import render
-from align.magpie import (EVAL_SEED, OPENINGS, MagpieSettings, Seen, magpie_prompts, magpie_sets, rejection,
-                          user_turn_prefix)
+from align.magpie import (
+    EVAL_SEED,
+    OPENINGS,
+    MagpieSettings,
+    Seen,
+    magpie_prompts,
+    magpie_sets,
+    rejection,
+    user_turn_prefix,
+)
 from align.prompts import Prompt, all_prompts, read_chat_prompts
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 
@@ -36,10 +44,20 @@ def talkative_large(tokenizer, tmp_path_factory) -> Path:
     stream holds a constant (every embedding has 10 there, and no layer writes to it), and eos's
     tied embedding has 16, which lifts eos's logit alone."""
     eos = tokenizer.eos_token_id
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -56,10 +74,13 @@ def talkative_large(tokenizer, tmp_path_factory) -> Path:
 
 
 def test_rejection_keeps_requests_and_drops_the_rest() -> None:
-    for request in ["What is the capital of France?", "Translate 'thank you' into German.",
-                    "Write a Python function that checks whether a string is a palindrome.",
-                    "Surely there is a faster way to sort a list?",  # "Sure" only as a word of its own
-                    "Fix this: for i in range(10): print(i)"]:
+    for request in [
+        "What is the capital of France?",
+        "Translate 'thank you' into German.",
+        "Write a Python function that checks whether a string is a palindrome.",
+        "Surely there is a faster way to sort a list?",  # "Sure" only as a word of its own
+        "Fix this: for i in range(10): print(i)",
+    ]:
         assert rejection(request) is None, request
     assert rejection("Hello there") == "too short"
     assert rejection("") == "too short"
@@ -67,9 +88,14 @@ def test_rejection_keeps_requests_and_drops_the_rest() -> None:
     assert rejection(" ".join(["word"] * 40)) is None
     assert rejection("1234 5678 #### ()()") == "not text"
     assert rejection("x = [1, 2, 3]; y = {4: 5}") == "not text"
-    for answer in ["Sure! Here is a poem about the sea.", "Certainly, the capital of France is Paris.",
-                   "As an AI language model, I cannot browse the internet.", "Of course. Here you go:",
-                   "I'm sorry, but I can't help with that.", "I'm SmolLM, an assistant trained by Hugging Face."]:
+    for answer in [
+        "Sure! Here is a poem about the sea.",
+        "Certainly, the capital of France is Paris.",
+        "As an AI language model, I cannot browse the internet.",
+        "Of course. Here you go:",
+        "I'm sorry, but I can't help with that.",
+        "I'm SmolLM, an assistant trained by Hugging Face.",
+    ]:
         assert rejection(answer) == "answer", answer
 
 
@@ -80,7 +106,9 @@ def test_seen_tells_exact_and_near_repeats_after_the_same_context() -> None:
     assert seen.repeat(Prompt("chat", "What is the capital of France?", (("system", "Be brief."),))) is None
 
     seen.add(Prompt("code", "Write a Python function that reverses a list of numbers."))
-    assert seen.repeat(Prompt("code", "Write a Python function that reverses a list in place, please.")) == "near repeat"
+    assert (
+        seen.repeat(Prompt("code", "Write a Python function that reverses a list in place, please.")) == "near repeat"
+    )
     assert seen.repeat(Prompt("code", "Write a Python program that reverses a list of numbers.")) is None
 
 
@@ -96,9 +124,14 @@ def test_user_turn_prefix_follows_the_chat_template(tokenizer) -> None:
     assert user_turn_prefix(tokenizer) == system + "<|im_start|>user\n"
     exchange = (("user", "Hi!"), ("assistant", "Hello! How can I help?"))
     assert user_turn_prefix(tokenizer, exchange) == (
-        system + "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n<|im_start|>user\n")
+        system
+        + "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n<|im_start|>user\n"
+    )
     # A system turn of its own replaces the default one.
-    assert user_turn_prefix(tokenizer, (("system", "Be brief."),)) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert (
+        user_turn_prefix(tokenizer, (("system", "Be brief."),))
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    )
     # What the large model then writes is the user's text, rendered back where it was written.
     rendered = render(tokenizer, "Tell me more.", exchange)
     assert rendered == user_turn_prefix(tokenizer, exchange) + "Tell me more.<|im_end|>\n<|im_start|>assistant\n"
@@ -117,7 +150,16 @@ def test_chat_prompts_keep_every_message() -> None:
 
 def test_openings_cover_every_family() -> None:
     families = {o.family for o in OPENINGS}
-    assert {"chat", "question", "translation", "summarization", "code", "continuation", "multiturn", "system"} == families
+    assert {
+        "chat",
+        "question",
+        "translation",
+        "summarization",
+        "code",
+        "continuation",
+        "multiturn",
+        "system",
+    } == families
     assert all(not o.words.endswith(" ") for o in OPENINGS), "a trailing space would split the next word's token"
 
 
@@ -167,10 +209,24 @@ def test_prompts_are_written_filtered_cached_and_kept_apart(talkative_large: Pat
 
 def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, tmp_path: Path) -> None:
     work, out = tmp_path / "work", tmp_path / "out"
-    argv = ["--smoke", "--large", str(talkative_large), "--work-dir", str(work), "--out", str(out),
-            "--magpie", "8", "--magpie-eval", "4", "--train-steps", "10", "--no-cost"]
+    argv = [
+        "--smoke",
+        "--large",
+        str(talkative_large),
+        "--work-dir",
+        str(work),
+        "--out",
+        str(out),
+        "--magpie",
+        "8",
+        "--magpie-eval",
+        "4",
+        "--train-steps",
+        "10",
+        "--no-cost",
+    ]
 
-    written = run(build_parser().parse_args(argv + ["--prompts-only"]))["magpie_prompts"]
+    written = run(build_parser().parse_args([*argv, "--prompts-only"]))["magpie_prompts"]
     assert {k: v["prompts"] for k, v in written.items()} == {"train": 8, "eval": 4}
     lines = [json.loads(line) for line in Path(written["train"]["file"]).read_text().splitlines()]
     assert len(lines) == 8 and all(line["messages"][-1]["role"] == "user" for line in lines)
@@ -180,13 +236,17 @@ def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, t
     result = run(build_parser().parse_args(argv))
     assert result["final"] and result["step"] == 10
     assert result["magpie_train_prompts"] == 8 and result["magpie_eval_prompts"] == 4
-    assert {f: f.stat().st_mtime_ns for f in (work / "magpie").glob("*/shard_*.json")} == shards, "prompts written again"
+    assert {f: f.stat().st_mtime_ns for f in (work / "magpie").glob("*/shard_*.json")} == shards, (
+        "prompts written again"
+    )
     # The Magpie prompts have continuations of their own, and training read them beside the template prompts'.
     (magpie_dir,) = (work / "data").glob("train-magpie8-*-greedy-*")
     continued = [r for f in sorted(magpie_dir.glob("shard_*.pt")) for r in torch.load(f, weights_only=True)]
     assert all(r["cont_ids"].numel() > 0 for r in continued)
     asked = [tokenizer.decode(r["prompt_ids"]).rsplit("<|im_start|>user\n", 1)[1] for r in continued]
-    assert sorted(asked) == sorted(line["messages"][-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n" for line in lines)
+    assert sorted(asked) == sorted(
+        line["messages"][-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n" for line in lines
+    )
     (signature,) = [json.loads(f.read_text()) for f in (work / "train").glob("*/signature.json")]
     assert [key.split("-")[1] for key, _ in signature["data"]] == ["greedy", "magpie8"]
     assert result["train_continuations"] == 16 + 8  # --smoke's 16 template prompts, greedy only

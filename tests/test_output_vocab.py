@@ -51,8 +51,9 @@ def test_exact_mode_with_a_restricted_draft_equals_large_greedy(tiny_dirs, restr
     pair = load_pair(tiny_dirs["large"], path)
     prompts = [[3 + i, 9, 14 + 2 * i, 40, 7] for i in range(6)]
     eos = tiny.SPECIALS.index(tiny.EOS)
-    outputs, requests = run(make_scheduler(pair.large, pair.small, {eos}), prompts, params(Mode.EXACT, 24),
-                            join_at=[0, 0, 1, 3, 3, 7])
+    outputs, requests = run(
+        make_scheduler(pair.large, pair.small, {eos}), prompts, params(Mode.EXACT, 24), join_at=[0, 0, 1, 3, 3, 7]
+    )
     for prompt, out in zip(prompts, outputs):
         assert out == greedy_reference(pair.large, prompt, 24, eos)
     drafted = sum(r.stats.small_tokens for r in requests)

@@ -109,8 +109,7 @@ def test_the_cost_model_follows_measured_forwards() -> None:
 # ---- the plan ----------------------------------------------------------------------------------
 
 CHEAP_CHECKS = CostModel(CostTable([1, 64], [0.050, 0.052]), CostTable([1, 64], [0.002, 0.003]), adapt=False)
-DEAR_CHECKS = CostModel(CostTable([1, 32, 64], [0.050, 0.130, 0.230]), CostTable([1, 64], [0.004, 0.013]),
-                        adapt=False)
+DEAR_CHECKS = CostModel(CostTable([1, 32, 64], [0.050, 0.130, 0.230]), CostTable([1, 64], [0.004, 0.013]), adapt=False)
 
 
 def drafting(pending=(), stands=0.8, **kw) -> RowState:
@@ -142,17 +141,21 @@ def test_sequences_that_fell_back_wait_for_one_check_that_serves_all() -> None:
 
 
 def test_large_and_small_mode_sequences_and_independent_ones() -> None:
-    rows = [RowState(Kind.LARGE), RowState(Kind.SMALL),
-            RowState(Kind.DRAFTS, can_draft=True, next_stands=0.0, independent=True),
-            RowState(Kind.DRAFTS, pending=(0.5,), can_draft=False, independent=True)]
+    rows = [
+        RowState(Kind.LARGE),
+        RowState(Kind.SMALL),
+        RowState(Kind.DRAFTS, can_draft=True, next_stands=0.0, independent=True),
+        RowState(Kind.DRAFTS, pending=(0.5,), can_draft=False, independent=True),
+    ]
     # The small-mode row and the independent row that may draft always step; the large-mode row
     # and the independent row that fell back are checked now.
     assert policy.plan(rows, DEAR_CHECKS, 0.0) == Plan([1, 2], [0, 3])
 
 
 def test_a_stale_small_cache_makes_drafting_dearer() -> None:
-    costs = CostModel(CostTable([1, 2, 8], [0.030, 0.030, 0.040]), CostTable([1, 64, 512], [0.003, 0.010, 0.080]),
-                      adapt=False)
+    costs = CostModel(
+        CostTable([1, 2, 8], [0.030, 0.030, 0.040]), CostTable([1, 64, 512], [0.003, 0.010, 0.080]), adapt=False
+    )
     assert policy.plan([drafting(stands=0.5)], costs, 0.0) == Plan([0], [])
     assert policy.plan([drafting(stands=0.5, catch_up=500)], costs, 0.0) == Plan([], [0])
 

@@ -20,8 +20,10 @@ PROMPT = [7, 99, 213, 45, 8]
 
 @pytest.fixture(scope="module")
 def models(tiny_dirs):
-    load = lambda name: AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32).eval()  # noqa: E731
-    return {name: load(name) for name in ("large", "draft", "unrelated")}
+    return {
+        name: AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32).eval()
+        for name in ("large", "draft", "unrelated")
+    }
 
 
 def chi_square(counts: Counter, probs: torch.Tensor, n: int) -> tuple[float, int]:
@@ -42,8 +44,23 @@ def chi_square(counts: Counter, probs: torch.Tensor, n: int) -> tuple[float, int
 
 
 # Upper 0.1% points of chi-square, by degrees of freedom: a correct sampler fails 1 in 1000 seeds.
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88,
-            10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
+CHI2_999 = {
+    1: 10.83,
+    2: 13.82,
+    3: 16.27,
+    4: 18.47,
+    5: 20.52,
+    6: 22.46,
+    7: 24.32,
+    8: 26.12,
+    9: 27.88,
+    10: 29.59,
+    11: 31.26,
+    12: 32.91,
+    13: 34.53,
+    14: 36.12,
+    15: 37.70,
+}
 
 
 @pytest.mark.parametrize("draft", ["draft", "unrelated"])
@@ -56,8 +73,19 @@ def test_exact_sampling_is_distributed_as_large_sampling(models, draft):
     """
     n = 1200
     # Batch-independent: BiLD's own rules, so that every position is drafted whatever the plan would do.
-    params = [SamplingParams(mode=Mode.EXACT, max_new_tokens=3, temperature=1.0, top_k=12, seed=s,
-                             fallback_threshold=0.0, ignore_eos=True, batch_independent=True) for s in range(n)]
+    params = [
+        SamplingParams(
+            mode=Mode.EXACT,
+            max_new_tokens=3,
+            temperature=1.0,
+            top_k=12,
+            seed=s,
+            fallback_threshold=0.0,
+            ignore_eos=True,
+            batch_independent=True,
+        )
+        for s in range(n)
+    ]
     scheduler = make_scheduler(models["large"], models[draft], {EOS}, slots=16, max_len=64)
     outputs, requests = run(scheduler, [PROMPT] * n, params)
     assert sum(r.stats.rollbacks for r in requests) > 10  # the resampling path ran
@@ -77,32 +105,50 @@ def test_exact_sampling_is_distributed_as_large_sampling(models, draft):
 def test_the_chi_square_check_can_fail(models):
     """The same check rejects the small model's distribution: it has the power to catch a wrong sampler."""
     n = 1200
-    params = [SamplingParams(mode=Mode.SMALL, max_new_tokens=2, temperature=1.0, top_k=12, seed=s, ignore_eos=True)
-              for s in range(n)]
-    outputs, _ = run(make_scheduler(models["large"], models["unrelated"], {EOS}, slots=16, max_len=64),
-                     [PROMPT] * n, params)
+    params = [
+        SamplingParams(mode=Mode.SMALL, max_new_tokens=2, temperature=1.0, top_k=12, seed=s, ignore_eos=True)
+        for s in range(n)
+    ]
+    outputs, _ = run(
+        make_scheduler(models["large"], models["unrelated"], {EOS}, slots=16, max_len=64), [PROMPT] * n, params
+    )
     prefix = Counter(o[0] for o in outputs).most_common(1)[0][0]
     samples = Counter(o[1] for o in outputs if o[0] == prefix)
     with torch.no_grad():
-        logits = models["large"](torch.tensor([PROMPT + [prefix]])).logits[0, -1]
-    stat, df = chi_square(samples, process(logits[None], params[0], [PROMPT + [prefix]])[0], sum(samples.values()))
+        logits = models["large"](torch.tensor([[*PROMPT, prefix]])).logits[0, -1]
+    stat, df = chi_square(samples, process(logits[None], params[0], [[*PROMPT, prefix]])[0], sum(samples.values()))
     assert stat > CHI2_999[max(1, min(df, 15))]
 
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_a_seed_reproduces_a_request_alone_and_in_a_busy_batch(models, mode):
-    p = SamplingParams(mode=mode, max_new_tokens=30, temperature=0.9, top_p=0.95, seed=1234,
-                       fallback_threshold=0.1, repetition_penalty=1.2)
+    p = SamplingParams(
+        mode=mode,
+        max_new_tokens=30,
+        temperature=0.9,
+        top_p=0.95,
+        seed=1234,
+        fallback_threshold=0.1,
+        repetition_penalty=1.2,
+    )
     alone, _ = run(make_scheduler(models["large"], models["draft"], {EOS}, slots=1), [PROMPT], p)
-    others = [SamplingParams(mode=m, max_new_tokens=25, temperature=t, seed=s)
-              for m, t, s in zip([Mode.BILD, Mode.EXACT, Mode.LARGE, Mode.SMALL] * 2, [0.0, 1.0, 0.5, 1.3] * 2,
-                                 range(8))]
+    others = [
+        SamplingParams(mode=m, max_new_tokens=25, temperature=t, seed=s)
+        for m, t, s in zip([Mode.BILD, Mode.EXACT, Mode.LARGE, Mode.SMALL] * 2, [0.0, 1.0, 0.5, 1.3] * 2, range(8))
+    ]
     prompts = [[5 + i, 17, 3 * i + 4] for i in range(8)]
-    busy, _ = run(make_scheduler(models["large"], models["draft"], {EOS}, slots=6), prompts[:3] + [PROMPT] + prompts[3:],
-                  others[:3] + [p] + others[3:], join_at=[0, 0, 1, 2, 2, 3, 5, 6, 6])
+    busy, _ = run(
+        make_scheduler(models["large"], models["draft"], {EOS}, slots=6),
+        [*prompts[:3], PROMPT, *prompts[3:]],
+        [*others[:3], p, *others[3:]],
+        join_at=[0, 0, 1, 2, 2, 3, 5, 6, 6],
+    )
     assert busy[3] == alone[0]
-    different, _ = run(make_scheduler(models["large"], models["draft"], {EOS}, slots=1), [PROMPT],
-                       SamplingParams(**{**p.__dict__, "seed": 99}))
+    different, _ = run(
+        make_scheduler(models["large"], models["draft"], {EOS}, slots=1),
+        [PROMPT],
+        SamplingParams(**{**p.__dict__, "seed": 99}),
+    )
     assert different[0] != alone[0]
 
 
@@ -129,11 +175,17 @@ def test_logprobs_in_exact_mode_are_the_large_models_own(models):
 
 def test_stop_token_ids_and_ignore_eos(models):
     scheduler = make_scheduler(models["large"], models["draft"], {EOS}, slots=2)
-    free, _ = run(scheduler, [PROMPT], SamplingParams(mode=Mode.EXACT, max_new_tokens=30, ignore_eos=True,
-                                                      fallback_threshold=0.2))
+    free, _ = run(
+        scheduler, [PROMPT], SamplingParams(mode=Mode.EXACT, max_new_tokens=30, ignore_eos=True, fallback_threshold=0.2)
+    )
     stop_at = free[0][5]
-    request = Request("r", PROMPT, SamplingParams(mode=Mode.BILD, max_new_tokens=30, stop_token_ids=(stop_at,),
-                                                  fallback_threshold=0.2, rollback_threshold=0.0))
+    request = Request(
+        "r",
+        PROMPT,
+        SamplingParams(
+            mode=Mode.BILD, max_new_tokens=30, stop_token_ids=(stop_at,), fallback_threshold=0.2, rollback_threshold=0.0
+        ),
+    )
     scheduler.add(request)
     tokens, finish = [], []
     while scheduler.has_work():

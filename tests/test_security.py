@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -27,14 +27,54 @@ def openssl(*args: str, cwd: Path) -> None:
 def certs(tmp_path_factory) -> dict[str, str]:
     """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, all from that CA."""
     d = tmp_path_factory.mktemp("certs")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=bild test CA", cwd=d)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bild test CA",
+        cwd=d,
+    )
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN=bild test {name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=bild test {name}",
+            cwd=d,
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            *ext,
+            cwd=d,
+        )
     return {name: str(d / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
@@ -49,8 +89,9 @@ def generate(target: str, **client_options) -> list[int]:
 def test_api_keys_guard_the_generator_but_not_health(tiny_dirs, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# one key per line\nsecond-key\n")
-    server = start_server("--large", tiny_dirs["large"], "--no-small", "--api-key", "first-key",
-                          "--api-key-file", str(keys))
+    server = start_server(
+        "--large", tiny_dirs["large"], "--no-small", "--api-key", "first-key", "--api-key-file", str(keys)
+    )
     try:
         server.wait_serving()  # health needs no key
         for key in (None, "wrong-key", "first-key-but-longer"):
@@ -60,17 +101,33 @@ def test_api_keys_guard_the_generator_but_not_health(tiny_dirs, tmp_path):
             assert "authorization: Bearer" in error.value.details()
         assert len(generate(server.target, api_key="first-key")) == 4
         assert len(generate(server.target, api_key="second-key")) == 4
-        out = subprocess.run([sys.executable, "-m", "client.cli", "hi", "--port", str(server.port), "--mode", "large",
-                              "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "BILD_API_KEY": "second-key"})
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "client.cli",
+                "hi",
+                "--port",
+                str(server.port),
+                "--mode",
+                "large",
+                "--max-new-tokens",
+                "3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "BILD_API_KEY": "second-key"},
+        )
         assert out.returncode == 0, out.stderr
     finally:
         assert server.stop() == 0
 
 
 def test_tls_and_mutual_tls(tiny_dirs, certs):
-    server = start_server("--large", tiny_dirs["large"], "--no-small", "--tls-cert", certs["server.pem"],
-                          "--tls-key", certs["server.key"])
+    server = start_server(
+        "--large", tiny_dirs["large"], "--no-small", "--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"]
+    )
     try:
         creds = grpc.ssl_channel_credentials(Path(certs["ca.pem"]).read_bytes())
         with grpc.secure_channel(server.target, creds) as channel:
@@ -89,8 +146,17 @@ def test_tls_and_mutual_tls(tiny_dirs, certs):
     finally:
         assert server.stop() == 0
 
-    server = start_server("--large", tiny_dirs["large"], "--no-small", "--tls-cert", certs["server.pem"],
-                          "--tls-key", certs["server.key"], "--tls-client-ca", certs["ca.pem"])
+    server = start_server(
+        "--large",
+        tiny_dirs["large"],
+        "--no-small",
+        "--tls-cert",
+        certs["server.pem"],
+        "--tls-key",
+        certs["server.key"],
+        "--tls-client-ca",
+        certs["ca.pem"],
+    )
     try:
         tls = dict(ca_cert=certs["ca.pem"])
         mutual = dict(tls, client_cert=certs["client.pem"], client_key=certs["client.key"])
@@ -105,24 +171,62 @@ def test_tls_and_mutual_tls(tiny_dirs, certs):
         with pytest.raises(grpc.aio.AioRpcError) as error:  # no client certificate
             generate(server.target, **tls)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-        out = subprocess.run([sys.executable, "-m", "client.cli", "hi", "--port", str(server.port), "--mode", "large",
-                              "--max-new-tokens", "3", "--ca-cert", certs["ca.pem"], "--client-cert",
-                              certs["client.pem"], "--client-key", certs["client.key"]],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "client.cli",
+                "hi",
+                "--port",
+                str(server.port),
+                "--mode",
+                "large",
+                "--max-new-tokens",
+                "3",
+                "--ca-cert",
+                certs["ca.pem"],
+                "--client-cert",
+                certs["client.pem"],
+                "--client-key",
+                certs["client.key"],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
     finally:
         assert server.stop() == 0
 
 
-@pytest.mark.parametrize("extra, refused", [
-    ([], True),
-    (["--insecure"], False),
-    (["--api-key", "k"], False),
-    (["--tls-cert", "missing.pem"], True),
-])
+@pytest.mark.parametrize(
+    "extra, refused",
+    [
+        ([], True),
+        (["--insecure"], False),
+        (["--api-key", "k"], False),
+        (["--tls-cert", "missing.pem"], True),
+    ],
+)
 def test_a_public_address_needs_tls_or_a_key(extra, refused):
-    out = subprocess.run([sys.executable, "-m", "server.cli", "--host", "0.0.0.0", "--port", "0", "--no-small",
-                          "--large", "/nonexistent-model", *extra], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--no-small",
+            "--large",
+            "/nonexistent-model",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     if refused:
         assert "bild-server:" in out.stderr and ("refusing to serve" in out.stderr or "go together" in out.stderr)

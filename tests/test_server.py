@@ -9,9 +9,9 @@ import sys
 
 import grpc
 import pytest
+from bild.v1 import bild_pb2
 from transformers import AutoTokenizer
 
-from bild.v1 import bild_pb2
 from client import BildClient
 from tests.server_util import start_server
 
@@ -36,8 +36,17 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_dirs, server_args):
     metrics_port = free_port()
-    proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "16",
-                        "--metrics-port", str(metrics_port), *server_args)
+    proc = start_server(
+        "--large",
+        tiny_dirs["large"],
+        "--small",
+        tiny_dirs["draft"],
+        "--max-batch-size",
+        "16",
+        "--metrics-port",
+        str(metrics_port),
+        *server_args,
+    )
     proc.metrics_port = metrics_port
     proc.wait_serving()
     yield proc
@@ -47,8 +56,9 @@ def server(tiny_dirs, server_args):
 @pytest.fixture(scope="module")
 def narrow_server(tiny_dirs, server_args):
     """One slot only: a request that leaked its slot would block every later one."""
-    proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1",
-                        *server_args)
+    proc = start_server(
+        "--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1", *server_args
+    )
     proc.wait_serving()
     yield proc
     assert proc.stop() == 0
@@ -143,7 +153,7 @@ def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(server, 
         complete(server.target, prompt, **kw)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.value.details()
-    text, ids, last = complete(server.target, "still there?", max_new_tokens=3, mode="large")
+    _text, ids, _last = complete(server.target, "still there?", max_new_tokens=3, mode="large")
     assert len(ids) >= 1
 
 
@@ -164,8 +174,7 @@ def test_cancel_mid_stream_frees_the_slot(narrow_server):
 
 def test_deadline_ends_the_stream_and_frees_the_slot(narrow_server):
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        complete(narrow_server.target, "slow", max_new_tokens=250, mode="exact", fallback_threshold=1.0,
-                 timeout=0.3)
+        complete(narrow_server.target, "slow", max_new_tokens=250, mode="exact", fallback_threshold=1.0, timeout=0.3)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _, ids, _ = complete(narrow_server.target, "next", max_new_tokens=5, mode="large", timeout=60)
     assert ids
@@ -186,15 +195,22 @@ def reflect(target: str, protocol: str, symbol: str):
         (response,) = list(call(iter([request]), timeout=10))
     if response.HasField("error_response"):
         return grpc.StatusCode.NOT_FOUND if response.error_response.error_code == 5 else response.error_response
-    return [descriptor_pb2.FileDescriptorProto.FromString(b).name
-            for b in response.file_descriptor_response.file_descriptor_proto]
+    return [
+        descriptor_pb2.FileDescriptorProto.FromString(b).name
+        for b in response.file_descriptor_response.file_descriptor_proto
+    ]
 
 
 @pytest.mark.parametrize("protocol", ["v1", "v1alpha"])
 def test_reflection_answers_method_lookups(server, protocol):
     """grpcurl and ghz ask grpc.reflection.v1 first, then v1alpha; both answer member symbols."""
-    for symbol in ("bild.v1.Generator.Generate", "bild.v1.Generator", "bild.v1.GenerateRequest.prompt",
-                   "bild.v1.DecodingMode.DECODING_MODE_EXACT", "grpc.health.v1.Health.Check"):
+    for symbol in (
+        "bild.v1.Generator.Generate",
+        "bild.v1.Generator",
+        "bild.v1.GenerateRequest.prompt",
+        "bild.v1.DecodingMode.DECODING_MODE_EXACT",
+        "grpc.health.v1.Health.Check",
+    ):
         assert reflect(server.target, protocol, symbol)[0].endswith(".proto"), symbol
     assert "bild/v1/bild.proto" in reflect(server.target, protocol, "bild.v1.Generator.Generate")
     for missing in ("bild.v1.Generator.NoSuchMethod", "bild.v1.Nope", "nope"):
@@ -212,29 +228,59 @@ def test_reflection_lists_services(server):
 def test_client_cli_streams_json_and_stats(server):
     host, port = server.target.split(":")
     out = subprocess.run(
-        [sys.executable, "-m", "client.cli", "hello", "--host", host, "--port", port, "--mode", "exact",
-         "--max-new-tokens", "12", "--json", "--stats"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "hello",
+            "--host",
+            host,
+            "--port",
+            port,
+            "--mode",
+            "exact",
+            "--max-new-tokens",
+            "12",
+            "--json",
+            "--stats",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert lines[-1]["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_EOS")
     assert json.loads(out.stderr)["generated_tokens"] == sum(len(x.get("token_ids", [])) for x in lines)
-    bad = subprocess.run([sys.executable, "-m", "client.cli", "", "--host", host, "--port", port],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "client.cli", "", "--host", host, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
 
 
 def test_resource_exhausted_when_the_queue_is_full(tiny_dirs, server_args):
-    proc = start_server("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1",
-                        "--max-waiting", "1", *server_args)
+    proc = start_server(
+        "--large",
+        tiny_dirs["large"],
+        "--small",
+        tiny_dirs["draft"],
+        "--max-batch-size",
+        "1",
+        "--max-waiting",
+        "1",
+        *server_args,
+    )
     try:
         proc.wait_serving()
 
         async def go():
             async with BildClient(proc.target) as client:
-                calls = [client.complete("busy", max_new_tokens=200, mode="exact", fallback_threshold=1.0)
-                         for _ in range(4)]
+                calls = [
+                    client.complete("busy", max_new_tokens=200, mode="exact", fallback_threshold=1.0) for _ in range(4)
+                ]
                 return await asyncio.gather(*calls, return_exceptions=True)
 
         results = asyncio.run(go())
@@ -251,8 +297,14 @@ def test_generated_stubs_match_the_proto(tmp_path):
     from grpc_tools import protoc
 
     root = Path(__file__).resolve().parent.parent / "proto"
-    args = ["protoc", f"-I{root}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-            str(root / "bild/v1/bild.proto")]
+    args = [
+        "protoc",
+        f"-I{root}",
+        f"--python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        str(root / "bild/v1/bild.proto"),
+    ]
     assert protoc.main(args) == 0
     for name in ("bild_pb2.py", "bild_pb2.pyi", "bild_pb2_grpc.py"):
         fresh = (tmp_path / "bild/v1" / name).read_text()
@@ -266,12 +318,21 @@ def test_prometheus_metrics(server):
     with pytest.raises(grpc.aio.AioRpcError):
         complete(server.target, "", max_new_tokens=6)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
-    finished = sum(v for k, v in samples.items()
-                   if k.startswith('bild_requests_total{mode="exact",outcome="') and ("length" in k or "eos" in k))
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    finished = sum(
+        v
+        for k, v in samples.items()
+        if k.startswith('bild_requests_total{mode="exact",outcome="') and ("length" in k or "eos" in k)
+    )
     assert finished >= 1
-    assert sum(v for k, v in samples.items() if 'outcome="invalid_argument"' in k and k.startswith("bild_requests_total")) >= 1
+    assert (
+        sum(v for k, v in samples.items() if 'outcome="invalid_argument"' in k and k.startswith("bild_requests_total"))
+        >= 1
+    )
     assert samples["bild_engine_free_slots"] == 16 and samples["bild_engine_running"] == 0
     assert samples["bild_engine_iterations_total"] > 0
     assert 0 < samples["bild_engine_forward_seconds_total"] <= samples["bild_engine_busy_seconds_total"]
@@ -283,16 +344,29 @@ def test_stop_string_across_tokens_ends_the_stream_before_it(server, tokenizer):
     pieces = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
     # A stop string that starts inside one token and ends inside a later one.
     # (Random weights emit stray bytes; keep clear of the replacement characters they decode to.)
-    i = next(i for i in range(3, len(ids) - 1)
-             if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) - len(pieces[i]) >= 1
-             and "\ufffd" not in pieces[i + 1][len(pieces[i - 1]) :])
+    i = next(
+        i
+        for i in range(3, len(ids) - 1)
+        if len(pieces[i]) - len(pieces[i - 1]) >= 2
+        and len(pieces[i + 1]) - len(pieces[i]) >= 1
+        and "\ufffd" not in pieces[i + 1][len(pieces[i - 1]) :]
+    )
     stop = pieces[i][-2:] + pieces[i + 1][len(pieces[i]) :][:1]
     cut = text.find(stop)
 
     async def go():
         async with BildClient(server.target) as client:
-            return [r async for r in client.generate("stop here", max_new_tokens=40, mode="exact",
-                                                      ignore_eos=True, stop=["never-appears", stop], logprobs=True)]
+            return [
+                r
+                async for r in client.generate(
+                    "stop here",
+                    max_new_tokens=40,
+                    mode="exact",
+                    ignore_eos=True,
+                    stop=["never-appears", stop],
+                    logprobs=True,
+                )
+            ]
 
     responses = asyncio.run(go())
     last = responses[-1]
@@ -313,12 +387,20 @@ def test_sampling_with_a_seed_is_reproducible_over_grpc(server):
     assert other[1] != first[1]
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_logprobs=50), "top_logprobs"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop_token_ids=[10**6]), "stop_token_ids"),
-    (dict(stop=["x"] * 40), "stop strings"), (dict(temperature=1e-40), "temperature"),
-    (dict(request_id="x" * 500), "request_id"), (dict(request_id="a\nb"), "request_id"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_logprobs=50), "top_logprobs"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(stop_token_ids=[10**6]), "stop_token_ids"),
+        (dict(stop=["x"] * 40), "stop strings"),
+        (dict(temperature=1e-40), "temperature"),
+        (dict(request_id="x" * 500), "request_id"),
+        (dict(request_id="a\nb"), "request_id"),
+    ],
+)
 def test_bad_sampling_requests_are_invalid_argument(server, kw, message):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         complete(server.target, "hi", **kw)
@@ -327,9 +409,23 @@ def test_bad_sampling_requests_are_invalid_argument(server, kw, message):
 
 def test_load_generator_prints_a_summary(server):
     out = subprocess.run(
-        [sys.executable, "bench/load.py", "--target", server.target, "-c", "4", "-n", "8", "--max-new-tokens", "8",
-         "--mode", "exact"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "bench/load.py",
+            "--target",
+            server.target,
+            "-c",
+            "4",
+            "-n",
+            "8",
+            "--max-new-tokens",
+            "8",
+            "--mode",
+            "exact",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "Count:        8" in out.stdout and "[OK]  8 responses" in out.stdout
@@ -341,27 +437,36 @@ def test_default_max_new_tokens_is_cut_to_the_room_left(server, tokenizer):
     prompt = "word "
     while len(tokenizer.encode(prompt + "word ")) < 480:
         prompt += "word "
-    text, ids, last = complete(server.target, prompt, mode="large", ignore_eos=True)
+    _text, ids, last = complete(server.target, prompt, mode="large", ignore_eos=True)
     assert last.stats.prompt_tokens >= 470 and len(ids) == 512 - last.stats.prompt_tokens
 
 
-@pytest.mark.parametrize("raw, what", [
-    (b"\x0a\x02\xff\xfe", "invalid UTF-8 in prompt"),
-    (b"\x0a\x05ab", "a length past the end"),
-    (b"\x18\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", "a varint of 11 bytes"),
-])
+@pytest.mark.parametrize(
+    "raw, what",
+    [
+        (b"\x0a\x02\xff\xfe", "invalid UTF-8 in prompt"),
+        (b"\x0a\x05ab", "a length past the end"),
+        (b"\x18\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", "a varint of 11 bytes"),
+    ],
+)
 def test_a_request_that_does_not_parse_gets_invalid_argument(server, raw, what):
     with grpc.insecure_channel(server.target) as channel:
-        call = channel.unary_stream("/bild.v1.Generator/Generate", request_serializer=lambda b: b,
-                                    response_deserializer=bild_pb2.GenerateResponse.FromString)
+        call = channel.unary_stream(
+            "/bild.v1.Generator/Generate",
+            request_serializer=lambda b: b,
+            response_deserializer=bild_pb2.GenerateResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as error:
             list(call(raw, timeout=30))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
         assert "not a valid bild.v1.GenerateRequest" in error.value.details()
         # GetModelInfoRequest has no fields: a string field 1 is an unknown field it keeps, not an error.
         if what != "invalid UTF-8 in prompt":
-            info = channel.unary_unary("/bild.v1.Generator/GetModelInfo", request_serializer=lambda b: b,
-                                       response_deserializer=bild_pb2.ModelInfo.FromString)
+            info = channel.unary_unary(
+                "/bild.v1.Generator/GetModelInfo",
+                request_serializer=lambda b: b,
+                response_deserializer=bild_pb2.ModelInfo.FromString,
+            )
             with pytest.raises(grpc.RpcError) as error:
                 info(raw, timeout=30)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -42,9 +42,17 @@ def build_llama(seed: int, hidden: int = 64, layers: int = 2, init: float = 0.5)
     """Peaky random weights (large init) keep argmax gaps far above float32 noise."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=init,
-        tie_word_embeddings=True, eos_token_id=SPECIALS.index(EOS), pad_token_id=SPECIALS.index(EOS),
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=init,
+        tie_word_embeddings=True,
+        eos_token_id=SPECIALS.index(EOS),
+        pad_token_id=SPECIALS.index(EOS),
         bos_token_id=None,
     )
     return LlamaForCausalLM(config).eval()

@@ -1,4 +1,4 @@
-"""Run a batch of prompts to completion on a scheduler directly, without the engine thread (benchmarks, scripts)."""
+"""Run a batch of prompts to completion on a scheduler directly, without the engine process (for the benchmarks)."""
 
 from __future__ import annotations
 
