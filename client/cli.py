@@ -33,12 +33,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logprobs", type=int, metavar="N", help="return each token's log-probability and N alternatives")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument(
+        "--target",
+        help="instead of --host/--port: ip:port of one server, several comma-separated (round robin over "
+        "those that are SERVING, a refused call retried on another), or dns:///name:port with --balance",
+    )
+    p.add_argument("--balance", action="store_true", help="round robin over every address --target resolves to")
     p.add_argument("--tls", action="store_true", help="connect over TLS (implied by the PEM options)")
     p.add_argument("--ca-cert", help="PEM roots to trust instead of the system's")
     p.add_argument("--client-cert", help="PEM certificate for a server that asks for one (mutual TLS)")
     p.add_argument("--client-key", help="PEM private key of --client-cert")
-    p.add_argument("--api-key", default=os.environ.get("BILD_API_KEY"),
-                   help="sent as 'authorization: Bearer KEY' (default: $BILD_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("BILD_API_KEY"),
+        help="sent as 'authorization: Bearer KEY' (default: $BILD_API_KEY)",
+    )
     p.add_argument("--timeout", type=float, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print each response message as one JSON object per line")
     p.add_argument("--stats", action="store_true", help="print the final statistics (to stderr)")
@@ -53,8 +62,15 @@ async def run(args: argparse.Namespace) -> int:
             {"role": "user", "content": args.prompt}
         ]
         prompt = None
-    async with BildClient(f"{args.host}:{args.port}", tls=args.tls, ca_cert=args.ca_cert, client_cert=args.client_cert,
-                          client_key=args.client_key, api_key=args.api_key) as client:
+    async with BildClient(
+        args.target or f"{args.host}:{args.port}",
+        balance=args.balance or None,
+        tls=args.tls,
+        ca_cert=args.ca_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        api_key=args.api_key,
+    ) as client:
         last = None
         try:
             async for response in client.generate(

@@ -9,14 +9,12 @@ import time
 from dataclasses import dataclass, replace
 
 import grpc
+from bild.v1 import bild_pb2, bild_pb2_grpc
 from transformers import PreTrainedTokenizerBase
 
-from bild.v1 import bild_pb2, bild_pb2_grpc
 from scheduler.engine import Engine, EngineStopped, QueueFull
 from scheduler.request import (
-    DEFAULT_FALLBACK_THRESHOLD,
-    DEFAULT_MAX_SMALL_TOKENS,
-    DEFAULT_ROLLBACK_THRESHOLD,
+    DEFAULT_MAX_NEW_TOKENS,
     FinishReason,
     Mode,
     RequestStats,
@@ -44,13 +42,9 @@ MAX_REQUEST_ID = 128
 @dataclass(frozen=True)
 class ServiceConfig:
     default_mode: Mode = Mode.BILD
-    default_max_new_tokens: int = 256
+    default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_new_tokens_limit: int = 2048
-    defaults: SamplingParams = SamplingParams(
-        fallback_threshold=DEFAULT_FALLBACK_THRESHOLD,
-        rollback_threshold=DEFAULT_ROLLBACK_THRESHOLD,
-        max_small_tokens=DEFAULT_MAX_SMALL_TOKENS,
-    )
+    defaults: SamplingParams = SamplingParams()  # the policy knobs a request leaves unset
     large_name: str = ""
     small_name: str = ""
     device: str = "cpu"
@@ -92,6 +86,11 @@ def add_to_server(service: GeneratorService, server: grpc.aio.Server) -> None:
             service.GetModelInfo,
             request_deserializer=_tolerant(bild_pb2.GetModelInfoRequest.FromString),
             response_serializer=bild_pb2.ModelInfo.SerializeToString,
+        ),
+        "GetLoad": grpc.unary_unary_rpc_method_handler(
+            service.GetLoad,
+            request_deserializer=_tolerant(bild_pb2.GetLoadRequest.FromString),
+            response_serializer=bild_pb2.Load.SerializeToString,
         ),
     }
     name = bild_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -226,23 +225,30 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             if not self._in_flight:
                 self._idle.set()
             if self.metrics is not None:
-                self.metrics.observe(record.mode, record.outcome or "cancelled", record.stats,
-                                     time.monotonic() - started)
+                self.metrics.observe(
+                    record.mode, record.outcome or "cancelled", record.stats, time.monotonic() - started
+                )
 
     async def _abort(self, context, record: CallRecord, code: grpc.StatusCode, message: str):
         record.outcome = code.name.lower()
         await context.abort(code, message)
 
-    async def _generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
-                        record: CallRecord):
+    async def _generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext, record: CallRecord):
         if isinstance(request, Unparsable):
-            await self._abort(context, record, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is not a valid bild.v1.GenerateRequest: {request.error}")
+            await self._abort(
+                context,
+                record,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid bild.v1.GenerateRequest: {request.error}",
+            )
         if self.draining:
-            await self._abort(context, record, grpc.StatusCode.UNAVAILABLE,
-                              "the server is shutting down; retry on another replica")
+            await self._abort(
+                context, record, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
+            )
         if self.engine is None:
-            await self._abort(context, record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
+            await self._abort(
+                context, record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly"
+            )
         started = time.monotonic()
         request_id = request.request_id
         try:
@@ -267,11 +273,17 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         async with contextlib.aclosing(stream.__aiter__()) as outputs:
             async for output in outputs:
                 if output.finish is FinishReason.ERROR:  # a failed forward, or the engine died
-                    reason = self.engine.failure or "a model forward failed in this request's batch (see the server log)"
+                    reason = (
+                        self.engine.failure or "a model forward failed in this request's batch (see the server log)"
+                    )
                     await self._abort(context, record, grpc.StatusCode.INTERNAL, f"generation failed: {reason}")
                 if output.finish is FinishReason.CANCELLED:  # only the server cancels this way: shutting down
-                    await self._abort(context, record, grpc.StatusCode.UNAVAILABLE,
-                                      "generation ended by the server: it is shutting down; retry on another replica")
+                    await self._abort(
+                        context,
+                        record,
+                        grpc.StatusCode.UNAVAILABLE,
+                        "generation ended by the server: it is shutting down; retry on another replica",
+                    )
                 response = builder.build(output, stream.stats, time.monotonic() - started)
                 if response is not None:
                     yield response
@@ -282,14 +294,22 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         record.outcome = builder.finish.value if builder.finish else None
         log.info(
             "request %s mode=%s prompt=%d generated=%d small=%d large=%d rollbacks=%d %.2fs",
-            request_id, params.mode.value, stats.prompt_tokens, builder.sent_tokens,
-            stats.small_tokens, stats.large_tokens, stats.rollbacks, time.monotonic() - started,
+            request_id,
+            params.mode.value,
+            stats.prompt_tokens,
+            builder.sent_tokens,
+            stats.small_tokens,
+            stats.large_tokens,
+            stats.rollbacks,
+            time.monotonic() - started,
         )
 
     async def GetModelInfo(self, request: bild_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         if isinstance(request, Unparsable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request is not a valid bild.v1.GetModelInfoRequest: {request.error}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid bild.v1.GetModelInfoRequest: {request.error}",
+            )
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
         config, engine = self.config, self.engine
@@ -308,4 +328,22 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             default_max_small_tokens=config.defaults.max_small_tokens,
             max_batch_size=engine.config.max_num_seqs,
             has_chat_template=bool(self.tokenizer.chat_template),
+        )
+
+    async def GetLoad(self, request: bild_pb2.GetLoadRequest, context: grpc.aio.ServicerContext):
+        if isinstance(request, Unparsable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid bild.v1.GetLoadRequest: {request.error}"
+            )
+        if self.engine is None:
+            return bild_pb2.Load(serving=False)
+        load, slots = self.engine.load(), self.engine.config.max_num_seqs
+        return bild_pb2.Load(
+            serving=not self.draining,
+            running=load["running"],
+            waiting=load["waiting"],
+            free_slots=load["free_slots"],
+            max_batch_size=slots,
+            reserved_tokens=load["reserved_tokens"],
+            utilization=(load["running"] + load["waiting"]) / slots,
         )

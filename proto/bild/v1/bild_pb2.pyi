@@ -178,3 +178,25 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     has_chat_template: bool
     def __init__(self, large_model: _Optional[str] = ..., small_model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., default_mode: _Optional[_Union[DecodingMode, str]] = ..., default_fallback_threshold: _Optional[float] = ..., default_rollback_threshold: _Optional[float] = ..., default_max_small_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+
+class GetLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("serving", "running", "waiting", "free_slots", "max_batch_size", "reserved_tokens", "utilization")
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    serving: bool
+    running: int
+    waiting: int
+    free_slots: int
+    max_batch_size: int
+    reserved_tokens: int
+    utilization: float
+    def __init__(self, serving: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_slots: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., reserved_tokens: _Optional[int] = ..., utilization: _Optional[float] = ...) -> None: ...

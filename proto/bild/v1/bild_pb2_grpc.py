@@ -44,6 +44,11 @@ class GeneratorStub:
                 request_serializer=bild_dot_v1_dot_bild__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=bild_dot_v1_dot_bild__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/bild.v1.Generator/GetLoad',
+                request_serializer=bild_dot_v1_dot_bild__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=bild_dot_v1_dot_bild__pb2.Load.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer:
@@ -64,6 +69,13 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """How busy this replica is, for a client or balancer choosing among several.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=bild_dot_v1_dot_bild__pb2.GetModelInfoRequest.FromString,
                     response_serializer=bild_dot_v1_dot_bild__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=bild_dot_v1_dot_bild__pb2.GetLoadRequest.FromString,
+                    response_serializer=bild_dot_v1_dot_bild__pb2.Load.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class Generator:
             '/bild.v1.Generator/GetModelInfo',
             bild_dot_v1_dot_bild__pb2.GetModelInfoRequest.SerializeToString,
             bild_dot_v1_dot_bild__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bild.v1.Generator/GetLoad',
+            bild_dot_v1_dot_bild__pb2.GetLoadRequest.SerializeToString,
+            bild_dot_v1_dot_bild__pb2.Load.FromString,
             options,
             channel_credentials,
             insecure,
