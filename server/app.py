@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from scheduler.engine import Engine, EngineConfig
 from scheduler.pair import ModelPair
 from server.metrics import Metrics
+from server.openai_http import HttpFrontEnd
 from server.reflection import enable_reflection
 from server.security import ApiKeyInterceptor, SecurityConfig
 from server.service import GeneratorService, ServiceConfig, add_to_server
@@ -41,6 +42,7 @@ class ServerHandle:
     service: GeneratorService
     health: health.aio.HealthServicer
     engine: Engine | None = None
+    http: HttpFrontEnd | None = None  # the OpenAI API and the page, with --http-port
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -75,6 +77,8 @@ class ServerHandle:
             await asyncio.wait_for(self.service.wait_idle(), grace)
         except asyncio.TimeoutError:
             log.warning("grace period over: cancelling the streams still in flight")
+        if self.http is not None:
+            await self.http.stop()
         # Health watchers never end by themselves; cut them once the generations are done.
         await self.server.stop(0)
         await stopping
@@ -88,6 +92,7 @@ async def create_server(
     service_config: ServiceConfig,
     metrics_port: int | None = None,
     security: SecurityConfig = SecurityConfig(),
+    http_port: int | None = None,
 ) -> ServerHandle:
     interceptors = [ApiKeyInterceptor(security.api_keys)] if security.api_keys else []
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
@@ -108,6 +113,13 @@ async def create_server(
     handle = ServerHandle(server, bound, service, health_servicer)
     await handle.set_serving(False)
     await server.start()
+    if http_port is not None:
+        handle.http = HttpFrontEnd(service, security, metrics)
+        try:
+            await handle.http.start(host, http_port)
+        except OSError:
+            await server.stop(0)
+            raise
     return handle
 
 
@@ -121,13 +133,14 @@ async def serve(
     metrics_port: int | None = None,
     drain_delay: float = 0.0,
     security: SecurityConfig = SecurityConfig(),
+    http_port: int | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT, then drain; return the process's exit code.
 
     If the engine process dies, health turns NOT_SERVING, its streams have already ended with an
     error, and the exit code is 1, so that a supervisor restarts the server.
     """
-    handle = await create_server(host, port, service_config, metrics_port, security)
+    handle = await create_server(host, port, service_config, metrics_port, security, http_port)
     log.info(
         "listening on %s:%d%s%s; loading models",
         host,
@@ -135,6 +148,9 @@ async def serve(
         " with TLS" if security.tls_cert else "",
         f", {len(security.api_keys)} API key(s)" if security.api_keys else "",
     )
+    if handle.http is not None:
+        scheme = "https" if security.tls_cert else "http"
+        log.info("HTTP (OpenAI API, chat page) on %s://%s:%d/", scheme, host, handle.http.port)
     stop = asyncio.Event()
     failed: list[str] = []
     received: list[signal.Signals] = []
@@ -151,6 +167,8 @@ async def serve(
     await asyncio.wait([loader, stopped], return_when=asyncio.FIRST_COMPLETED)
     if loader.done() and loader.exception() is not None:
         await handle.server.stop(0)
+        if handle.http is not None:
+            await handle.http.stop()
         raise loader.exception()
     await stopped
     # An orchestrator's SIGTERM gets the drain delay, for its load balancers to see NOT_SERVING;

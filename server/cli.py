@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sec.add_argument("--insecure", action="store_true", help="serve a non-loopback address without TLS or keys")
     net.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (default: off)")
     net.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), "
+        "/health, /metrics and a chat page (/) on this port, same engine (default: off; 0 picks a free port)",
+    )
+    net.add_argument(
         "--drain-delay",
         type=float,
         default=5.0,
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.metrics_port,
                 args.drain_delay,
                 security,
+                args.http_port,
             )
         )
     except EngineFailed as error:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import grpc
@@ -53,6 +54,14 @@ class ServiceConfig:
 
 class InvalidRequest(ValueError):
     pass
+
+
+class CallFailed(Exception):
+    """A generation that ends with a status other than OK; each transport reports it its own way."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -213,13 +222,29 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
     # ---- RPCs --------------------------------------------------------------------------
 
     async def Generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            async with contextlib.aclosing(self.generate(request)) as responses:
+                async for response in responses:
+                    yield response
+        except CallFailed as error:
+            await context.abort(error.code, error.message)
+
+    async def generate(
+        self, request: bild_pb2.GenerateRequest, record: CallRecord | None = None
+    ) -> AsyncIterator[bild_pb2.GenerateResponse]:
+        """One generation for any transport (gRPC, HTTP): its responses, or CallFailed.
+
+        Validation, limits, metrics and draining are the same whoever calls; closing the iterator
+        early (client gone) cancels the engine request. `record.stats` follows the request live.
+        """
         self._in_flight += 1
         self._idle.clear()
         started = time.monotonic()
-        record = CallRecord()
+        record = record if record is not None else CallRecord()
         try:
-            async for response in self._generate(request, context, record):
-                yield response
+            async with contextlib.aclosing(self._generate(request, record)) as responses:
+                async for response in responses:
+                    yield response
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -229,26 +254,23 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
                     record.mode, record.outcome or "cancelled", record.stats, time.monotonic() - started
                 )
 
-    async def _abort(self, context, record: CallRecord, code: grpc.StatusCode, message: str):
+    def _abort(self, record: CallRecord, code: grpc.StatusCode, message: str) -> CallFailed:
         record.outcome = code.name.lower()
-        await context.abort(code, message)
+        return CallFailed(code, message)
 
-    async def _generate(self, request: bild_pb2.GenerateRequest, context: grpc.aio.ServicerContext, record: CallRecord):
+    async def _generate(self, request: bild_pb2.GenerateRequest, record: CallRecord):
         if isinstance(request, Unparsable):
-            await self._abort(
-                context,
+            raise self._abort(
                 record,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid bild.v1.GenerateRequest: {request.error}",
             )
         if self.draining:
-            await self._abort(
-                context, record, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
+            raise self._abort(
+                record, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
             )
         if self.engine is None:
-            await self._abort(
-                context, record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly"
-            )
+            raise self._abort(record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
         started = time.monotonic()
         request_id = request.request_id
         try:
@@ -261,11 +283,11 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
                 params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
             stream = self.engine.submit(prompt, params)
         except ValueError as error:  # InvalidRequest, and the engine's own checks
-            await self._abort(context, record, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise self._abort(record, grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         except QueueFull as error:
-            await self._abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            raise self._abort(record, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         except EngineStopped as error:
-            await self._abort(context, record, grpc.StatusCode.UNAVAILABLE, str(error))
+            raise self._abort(record, grpc.StatusCode.UNAVAILABLE, str(error)) from None
         record.stats = stream.stats
         request_id = request_id or stream.request.request_id
         builder = ResponseBuilder(self.tokenizer, list(request.stop), request_id)
@@ -273,13 +295,10 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         async with contextlib.aclosing(stream.__aiter__()) as outputs:
             async for output in outputs:
                 if output.finish is FinishReason.ERROR:  # a failed forward, or the engine died
-                    reason = (
-                        self.engine.failure or "a model forward failed in this request's batch (see the server log)"
-                    )
-                    await self._abort(context, record, grpc.StatusCode.INTERNAL, f"generation failed: {reason}")
+                    reason = self.engine.failure or "a model forward failed on this request (see the server log)"
+                    raise self._abort(record, grpc.StatusCode.INTERNAL, f"generation failed: {reason}")
                 if output.finish is FinishReason.CANCELLED:  # only the server cancels this way: shutting down
-                    await self._abort(
-                        context,
+                    raise self._abort(
                         record,
                         grpc.StatusCode.UNAVAILABLE,
                         "generation ended by the server: it is shutting down; retry on another replica",
