@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
@@ -78,3 +80,35 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess
         proc.kill()
         raise RuntimeError("server did not start:\n" + "".join(log[-30:]))
     return ServerProcess(proc, port[0], log)
+
+
+# Tiny models need no OpenMP team; one thread keeps them fast beside other work on a small machine.
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def start_http_server(*args: str, env: dict[str, str] = ENV) -> tuple[ServerProcess, str]:
+    """bild-server with --http-port 0, once it serves; returns it and its HTTP base URL."""
+    server = start_server("--http-port", "0", *args, env=env)
+    deadline = time.monotonic() + 60
+    while not (match := re.search(r"HTTP \(.*\) on (http://[^ ]+:\d+)/", "".join(server.log))):
+        assert time.monotonic() < deadline and server.proc.poll() is None, "no HTTP port:\n" + "".join(server.log)
+        time.sleep(0.05)
+    server.wait_serving()
+    return server, match.group(1)
+
+
+def fetch(url: str, data: bytes | None = None, key: str | None = None) -> tuple[int, str]:
+    """A plain HTTP request: (status, body)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def scrape(base: str, key: str | None = None) -> dict[str, float]:
+    """The server's Prometheus samples from its HTTP port's /metrics, by name with labels."""
+    status, text = fetch(base + "/metrics", key=key)
+    assert status == 200, text
+    return {m[0]: float(m[1]) for m in re.findall(r"^(bild_[^ ]+) ([0-9.e+]+)$", text, re.M)}

@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -25,25 +22,10 @@ from hypothesis import strategies as st
 
 from client import BildClient
 from server.openai_api import UNSUPPORTED, OpenAIError, translate
-from tests.server_util import ServerProcess, start_server
+from tests.server_util import fetch, scrape, start_http_server
 
 KEY = "test-key-1"
 SERVER_ARGS = ["--context-length", "1024", "--max-new-tokens-limit", "1000", "--fallback-threshold", "0.2"]
-
-
-# Tiny models need no OpenMP team; one thread keeps them fast beside other work on a small machine.
-ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def start_http_server(*args: str, env: dict[str, str] = ENV) -> tuple[ServerProcess, str]:
-    """bild-server with --http-port 0, once it serves; returns it and its HTTP base URL."""
-    server = start_server("--http-port", "0", *args, env=env)
-    deadline = time.monotonic() + 60
-    while not (match := re.search(r"HTTP \(.*\) on (http://[^ ]+:\d+)/", "".join(server.log))):
-        assert time.monotonic() < deadline and server.proc.poll() is None, "no HTTP port:\n" + "".join(server.log)
-        time.sleep(0.05)
-    server.wait_serving()
-    return server, match.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +52,6 @@ def model(client):
     return card.id
 
 
-def fetch(url: str, data: bytes | None = None, key: str | None = None) -> tuple[int, str]:
-    """A plain HTTP request: (status, body)."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 def grpc_text(target: str, **kw) -> tuple[str, bild_pb2.GenerateResponse]:
     async def go():
         async with BildClient(target, api_key=KEY) as c:
@@ -90,9 +62,7 @@ def grpc_text(target: str, **kw) -> tuple[str, bild_pb2.GenerateResponse]:
 
 
 def metrics(http) -> dict[str, float]:
-    status, text = fetch(http.base + "/metrics", key=KEY)
-    assert status == 200
-    return {m[0]: float(m[1]) for m in re.findall(r"^(bild_[^ ]+) ([0-9.e+]+)$", text, re.M)}
+    return scrape(http.base, KEY)
 
 
 def test_models_and_health(http, client, model, tiny_dirs):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from tests.test_http_openai import metrics, start_http_server
+from tests.server_util import scrape, start_http_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -96,7 +96,7 @@ def test_chat_streams_stop_cancels_and_translate_streams(page_server, browser, t
     assert 0 < int(page.text_content("#stat-tokens")) < 900
     # The stop closed the connection, and the server cancelled the engine request and freed its slot.
     deadline = time.monotonic() + 20
-    while metrics(page_server).get('bild_requests_total{mode="bild",outcome="cancelled"}') != 1:
+    while scrape(page_server.base).get('bild_requests_total{mode="bild",outcome="cancelled"}') != 1:
         assert time.monotonic() < deadline, "the stopped request was not cancelled in the engine"
         time.sleep(0.1)
     page.unroute("**/v1/chat/completions")
