@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from align import cpu
 from align.cli import build_parser, run
 from align.model import MAX_OUTPUT_BYTES, directory_bytes
 from scheduler import output_vocab
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
+from tests import tiny
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +30,7 @@ def tiny_large(tmp_path_factory) -> Path:
     drawn 10x wider than the usual init: at the usual scale it answers every prompt with one token
     repeated, which no small model could disagree with."""
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny.smollm2_shaped_config(tokenizer)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny_large")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from align import magpie
 from align.cli import build_parser, run
@@ -28,6 +28,7 @@ from align.magpie import (
 )
 from align.prompts import Prompt, all_prompts, read_chat_prompts
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
+from tests import tiny
 
 CHAT = Path(__file__).resolve().parent.parent / "bench" / "chat.jsonl"
 
@@ -44,20 +45,7 @@ def talkative_large(tokenizer, tmp_path_factory) -> Path:
     stream holds a constant (every embedding has 10 there, and no layer writes to it), and eos's
     tied embedding has 16, which lifts eos's logit alone."""
     eos = tokenizer.eos_token_id
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny.smollm2_shaped_config(tokenizer)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():

@@ -86,6 +86,23 @@ def generate(target: str, **client_options) -> list[int]:
     return asyncio.run(go())
 
 
+def bild_client(port: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`bild-client hi` for 3 tokens in mode large, as a user runs it."""
+    command = [
+        sys.executable,
+        "-m",
+        "client.cli",
+        "hi",
+        "--port",
+        str(port),
+        "--mode",
+        "large",
+        "--max-new-tokens",
+        "3",
+    ]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
 def test_api_keys_guard_the_generator_but_not_health(tiny_dirs, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# one key per line\nsecond-key\n")
@@ -101,24 +118,7 @@ def test_api_keys_guard_the_generator_but_not_health(tiny_dirs, tmp_path):
             assert "authorization: Bearer" in error.value.details()
         assert len(generate(server.target, api_key="first-key")) == 4
         assert len(generate(server.target, api_key="second-key")) == 4
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "client.cli",
-                "hi",
-                "--port",
-                str(server.port),
-                "--mode",
-                "large",
-                "--max-new-tokens",
-                "3",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "BILD_API_KEY": "second-key"},
-        )
+        out = bild_client(server.port, env={**os.environ, "BILD_API_KEY": "second-key"})
         assert out.returncode == 0, out.stderr
     finally:
         assert server.stop() == 0
@@ -171,29 +171,10 @@ def test_tls_and_mutual_tls(tiny_dirs, certs):
         with pytest.raises(grpc.aio.AioRpcError) as error:  # no client certificate
             generate(server.target, **tls)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "client.cli",
-                "hi",
-                "--port",
-                str(server.port),
-                "--mode",
-                "large",
-                "--max-new-tokens",
-                "3",
-                "--ca-cert",
-                certs["ca.pem"],
-                "--client-cert",
-                certs["client.pem"],
-                "--client-key",
-                certs["client.key"],
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = bild_client(
+            server.port, "--ca-cert", certs["ca.pem"], "--client-cert", certs["client.pem"],
+            "--client-key", certs["client.key"],
+        )  # fmt: skip
         assert out.returncode == 0, out.stderr
     finally:
         assert server.stop() == 0
