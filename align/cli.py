@@ -187,7 +187,7 @@ def apply_smoke(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
-    from scheduler.loading import DEFAULT_SMALL_DIR, load_causal_lm
+    from scheduler.loading import DEFAULT_SMALL_DIR, load_model
 
     if args.smoke:
         apply_smoke(args)
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     torch.manual_seed(args.seed)
     started = time.time()
 
-    large, tokenizer = load_causal_lm(args.large)
+    large, tokenizer = load_model(args.large)
     magpie = (
         MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts)
         if args.smoke
@@ -318,21 +318,25 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
             **{f"{name}_agreement": agreement(model, recs)["agreement"] for name, recs in evals.items()},
         }
 
+    # Checkpoints are chosen on the Magpie evaluation set when there is one: no training prompt came
+    # from its generator, unlike the template held-out set, which flatters a model that overfits.
+    judge, judged = ("magpie", evals["magpie"]) if "magpie" in evals else ("heldout", held)
+
     def on_checkpoint(model, step: int) -> None:
         # Ship what we have, so a later failure still leaves a usable model in --out; but never
         # replace a shipped model that agrees better (an earlier run's, or this run's warm-up).
-        score = agreement(model, held)["agreement"]
+        score = agreement(model, judged)["agreement"]
         shipped = out / "alignment.json"
-        best = json.loads(shipped.read_text()).get("heldout_agreement", -1.0) if shipped.is_file() else -1.0
+        best = json.loads(shipped.read_text()).get(f"{judge}_agreement", -1.0) if shipped.is_file() else -1.0
         if score >= best:
             save_small(
                 model,
                 tokenizer,
                 out,
-                info={**info, "step": step, "final": False, "heldout_agreement": score},
+                info={**info, "step": step, "final": False, f"{judge}_agreement": score},
                 vocab_ids=vocab_ids,
             )
-            log.info("checkpoint at step %d shipped to %s (held-out agreement %.4f)", step, out, score)
+            log.info("checkpoint at step %d shipped to %s (%s agreement %.4f)", step, out, judge, score)
 
     summary = train(
         small,

@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from scheduler.loading import load_causal_lm
+    from scheduler.loading import load_model
 
-    large, tokenizer = load_causal_lm(args.large)
+    large, tokenizer = load_model(args.large)
     work = Path(args.work_dir)
     records = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed)
     _, magpie_eval = magpie_sets(large, tokenizer, args.large, work, 0, args.magpie_eval, pool=args.magpie_pool)

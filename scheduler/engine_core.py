@@ -34,6 +34,7 @@ from scheduler.model_runner import CausalLMRunner
 from scheduler.pair import ModelPair
 from scheduler.request import FinishReason, Limits, RequestStats
 from scheduler.scheduler import Scheduler, SchedulerConfig, StepOutput
+from scheduler.seq2seq_runner import Seq2SeqRunner
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,17 @@ def build_scheduler(pair: ModelPair, config: SchedulerConfig, cost_profile: str 
     """`cost_profile`: a JSON file of forward costs to plan with (see `profile.load`) instead of measuring."""
     # The context can be no longer than the models' positions allow.
     config = replace(config, max_seq_len=min(config.max_seq_len, pair.context_length))
-    large = CausalLMRunner(pair.large, config.max_num_seqs, config.max_seq_len)
-    small = CausalLMRunner(pair.small, config.max_num_seqs, config.max_seq_len) if pair.small is not None else None
+    large = runner(pair.large, config)
+    small = runner(pair.small, config) if pair.small is not None else None
     costs = profile.load(Path(cost_profile)) if cost_profile and small is not None else None
     return Scheduler(small, large, config, pair.eos_token_ids, costs)
+
+
+def runner(model, config: SchedulerConfig) -> CausalLMRunner:
+    """The runner for one model of the pair; an encoder-decoder's sources may be as long as a context."""
+    if model.config.is_encoder_decoder:
+        return Seq2SeqRunner(model, config.max_num_seqs, config.max_seq_len, config.max_seq_len)
+    return CausalLMRunner(model, config.max_num_seqs, config.max_seq_len)
 
 
 class _Inbox:

@@ -38,9 +38,9 @@ class SlotKVCache:
     def __init__(
         self,
         num_layers: int,
-        num_slots: int,
         num_kv_heads: int,
         head_dim: int,
+        num_slots: int,
         max_len: int,
         dtype: torch.dtype,
         device: torch.device | str,
@@ -78,6 +78,13 @@ class SlotKVCache:
         # Advanced indices on dims 0 and 2 put the [B, Q] index dims first: [B, Q, H, D].
         keys[layout.write_slots, :, layout.write_positions] = key_states.transpose(1, 2).to(keys.dtype)
         values[layout.write_slots, :, layout.write_positions] = value_states.transpose(1, 2).to(values.dtype)
+        return self.read(layer_idx)
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [B, H, kv_len, D] keys and values of the batch's slots."""
+        layout = self.layout
+        assert layout is not None, "SlotKVCache.prepare() must run before a forward"
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
         if layout.contiguous is not None:
             return keys[layout.contiguous, :, : layout.kv_len], values[layout.contiguous, :, : layout.kv_len]
         live_keys = keys[:, :, : layout.kv_len].index_select(0, layout.slots)

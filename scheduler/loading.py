@@ -1,4 +1,5 @@
-"""Load causal language models and their tokenizers from a hub id, a local directory or a GGUF file.
+"""Load language models and their tokenizers from a hub id, a local directory or a GGUF file: causal
+(decoder-only) models, and encoder-decoder ones (T5, mT5, Marian, BART) by their config.
 
 A GGUF file is dequantized by transformers, which takes about half a minute for SmolLM2-135M on a
 2-core CPU; the result is saved once as safetensors under the bild cache so later loads take a
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from scheduler import output_vocab
 
@@ -138,16 +146,18 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(location)
 
 
-def load_causal_lm(
+def load_model(
     spec: str, device: str = "cpu", dtype: torch.dtype | str = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in eval mode, on `device` in `dtype`."""
+    """Load a language model and its tokenizer, in eval mode, on `device` in `dtype`: a causal LM, or an
+    encoder-decoder (seq2seq) LM where its config says it is one."""
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     source = resolve_source(spec)
     location = str(_materialize_gguf(source)) if source.gguf_file else source.location
     tokenizer = AutoTokenizer.from_pretrained(location)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    seq2seq = getattr(AutoConfig.from_pretrained(location), "is_encoder_decoder", False)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(location, dtype=dtype)
     model.to(device).eval()
     token_ids = output_vocab.load(Path(location)) if Path(location).is_dir() else None
     if token_ids is not None:

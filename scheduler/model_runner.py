@@ -44,11 +44,7 @@ class CausalLMRunner:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.vocab_limit = self.vocab_size  # logits beyond this are cut off (see Scheduler)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.cache = SlotKVCache(
-            config.num_hidden_layers, num_slots, num_kv_heads, head_dim, max_len, self.dtype, self.device
-        )
+        self.cache = SlotKVCache(*self._kv_shape(config), num_slots, max_len, self.dtype, self.device)
         # transformers renamed the forward's cache keyword (`past_key_values` -> `cache`) in 5.2x.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -62,6 +58,13 @@ class CausalLMRunner:
         # kernels happen to be faster at the larger count). Set from the measured cost profile
         # (scheduler/profile.py); empty: n rows.
         self.run_as: list[int] = []
+
+    @staticmethod
+    def _kv_shape(config) -> tuple[int, int, int]:
+        """(layers, key/value heads, head size) of the cache."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return config.num_hidden_layers, num_kv_heads, head_dim
 
     def next_token_logits(self, items: list[ForwardItem]) -> torch.Tensor:
         """Feed each item's tokens; return [B, V] logits of each item's last token (what comes next)."""
@@ -130,17 +133,9 @@ class CausalLMRunner:
         try:
             # Two switches: CpuLinear's arrangements (and packing), and a restricted output head.
             with cpu_linear.active(token_rows, is_token.numel()), output_vocab.restricted():
-                out = self.model(
-                    input_ids=input_ids,
-                    position_ids=positions,
-                    attention_mask=mask[:, None],
-                    use_cache=True,
-                    logits_to_keep=0 if all_logits else 1,
-                    **{self._cache_kw: self.cache},
-                )
+                logits = self._run(input_ids, positions, mask[:, None], all_logits)
         finally:
             self.cache.layout = None
-        logits = out.logits
         if all_logits:
             if token_rows is not None and logits.shape[:2] == (1, len(token_rows)):
                 logits = logits[0]  # the head computed only the rows it was given
@@ -156,3 +151,17 @@ class CausalLMRunner:
         self.forward_seconds += time.perf_counter() - started
         self.forward_calls += 1
         return logits
+
+    def _run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, all_logits: bool
+    ) -> torch.Tensor:
+        """The model call itself, on inputs laid out by `_forward` (and the cache's layout); `mask` is [B, 1, Q, K]."""
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+            **{self._cache_kw: self.cache},
+        )
+        return out.logits

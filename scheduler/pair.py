@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from scheduler.loading import DTYPES, load_causal_lm
+from scheduler.loading import DTYPES, load_model
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -56,10 +56,16 @@ def load_pair(large: str, small: str | None, device: str = "cpu", dtype: str = "
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available")
-    large_model, tokenizer = load_causal_lm(large, device, dtype)
+    large_model, tokenizer = load_model(large, device, dtype)
     small_model = None
     if small:
-        small_model, small_tokenizer = load_causal_lm(small, device, dtype)
+        small_model, small_tokenizer = load_model(small, device, dtype)
+        if small_model.config.is_encoder_decoder != large_model.config.is_encoder_decoder:
+            kinds = {True: "an encoder-decoder", False: "a decoder-only model"}
+            raise ValueError(
+                f"the small model {small!r} is {kinds[small_model.config.is_encoder_decoder]} but the large "
+                f"model is {kinds[large_model.config.is_encoder_decoder]}: a pair must be of one kind"
+            )
         problem = tokenizer_mismatch(tokenizer, small_tokenizer)
         if problem:
             raise ValueError(f"the small model {small!r} does not share the large model's tokenizer: {problem}")

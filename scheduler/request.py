@@ -132,6 +132,8 @@ class Limits:
     max_num_tokens: int  # tokens all running sequences may reserve together
     vocab_limit: int  # token ids must be below this
     has_small: bool
+    # The prompt is the encoder's input (T5, Marian, ...), not the start of the generated text.
+    encoder_decoder: bool = False
 
 
 def check(request: Request, limits: Limits) -> None:

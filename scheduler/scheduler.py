@@ -13,6 +13,9 @@ Each call to `step()` is one iteration:
      of unchecked tokens) and every `large`-mode sequence; the rollback rule cuts each draft at
      its first bad token and the large model's token goes there, or after the drafts if all stand;
   5. settled tokens are handed out; finished sequences free their slot.
+An encoder-decoder pair (T5, Marian) runs both encoders once per request, when its prompt (the
+source) is fed; the decoder's context then starts with its start token, and everything above
+applies to the decoders.
 An iteration that raises is retried one sequence at a time, so a fault ends only the requests it
 follows (`_isolate`).
 
@@ -41,6 +44,7 @@ from scheduler.model_runner import CausalLMRunner, ForwardItem
 from scheduler.policy import AcceptanceStats, CostModel, Draft, Kind, RowState, Verdict, VerifyRow
 from scheduler.request import FinishReason, Limits, Mode, Request, SamplingParams, check
 from scheduler.sampling import DRAFT, TARGET, pick, process
+from scheduler.seq2seq_runner import Seq2SeqRunner
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class Sequence:
     small_cached: int = 0
     large_cached: int = 0
     prefilled: int = 0  # prompt tokens both models have read
+    source: list[int] | None = None  # an encoder-decoder pair's encoder input, until it is encoded
     finish: FinishReason | None = None
     stop_reason: str | None = None
     seed: int = 0
@@ -97,7 +102,7 @@ class Sequence:
 
     @property
     def reserved(self) -> int:
-        return self.prompt_len + self.request.params.max_new_tokens
+        return len(self.request.prompt) + self.request.params.max_new_tokens
 
     @property
     def drafted(self) -> int:
@@ -141,6 +146,9 @@ class Scheduler:
         """`costs` defaults to the pair's measured cost model (see `profile`)."""
         self.small = small
         self.large = large
+        self.encoder_decoder = isinstance(large, Seq2SeqRunner)
+        if small is not None and isinstance(small, Seq2SeqRunner) != self.encoder_decoder:
+            raise ValueError("one model of the pair is an encoder-decoder and the other is not")
         if small is not None and costs is None:
             from scheduler.profile import cost_model  # it measures with runners: not needed without a draft
 
@@ -170,7 +178,11 @@ class Scheduler:
     @property
     def limits(self) -> Limits:
         return Limits(
-            self.config.max_seq_len, self.config.max_num_tokens, self.large.vocab_limit, self.small is not None
+            self.config.max_seq_len,
+            self.config.max_num_tokens,
+            self.large.vocab_limit,
+            self.small is not None,
+            self.encoder_decoder,
         )
 
     def add(self, request: Request) -> None:
@@ -284,7 +296,8 @@ class Scheduler:
                 break  # strictly in order: a big request is not overtaken by smaller ones
             self.waiting.popleft()
             self._free_slots.sort()
-            context = list(request.prompt)
+            # An encoder-decoder's decoder starts from its start token; the prompt is the source.
+            context = [self.large.decoder_start_token_id] if self.encoder_decoder else list(request.prompt)
             n = len(context)
             params = request.params
             seq = Sequence(
@@ -294,6 +307,7 @@ class Scheduler:
                 prompt_len=n,
                 settled=n,
                 emitted=n,
+                source=list(request.prompt) if self.encoder_decoder else None,
                 seed=params.seed if params.seed is not None else random.getrandbits(64),
                 end_tokens=frozenset(params.stop_token_ids)
                 | (frozenset() if params.ignore_eos else self.eos_token_ids),
@@ -306,6 +320,8 @@ class Scheduler:
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Feed the next chunk of each admitted prompt, oldest first, within the per-iteration budget."""
         budget = self.config.max_prefill_tokens
+        if self.encoder_decoder:
+            seqs, budget = self._encode(seqs, budget)
         chunks: list[tuple[Sequence, ForwardItem]] = []
         for seq in seqs:
             n = min(budget, seq.prompt_len - seq.prefilled)
@@ -342,6 +358,25 @@ class Scheduler:
         for seq, item in chunks:
             seq.prefilled = item.start + len(item.tokens)
             seq.settled = len(seq.context)
+
+    def _encode(self, seqs: list[Sequence], budget: int) -> tuple[list[Sequence], int]:
+        """Run the encoders of the sequences not yet encoded, oldest first, within the prefill budget
+        (the first always, however long its source); return those ready to prefill and the budget left."""
+        ready = []
+        for seq in seqs:
+            if seq.source is not None:
+                n = len(seq.source)
+                if n > budget and budget < self.config.max_prefill_tokens:
+                    break
+                # Each model encodes what it will decode: `small` mode never needs the large encoder.
+                if seq.mode is not Mode.SMALL:
+                    self.large.encode(seq.slot, seq.source)
+                if self.small is not None and seq.mode is not Mode.LARGE:
+                    self.small.encode(seq.slot, seq.source)
+                seq.source = None
+                budget = max(budget - n, 0)
+            ready.append(seq)
+        return ready, budget
 
     def _append_first(self, seq: Sequence, logits: torch.Tensor, purpose: int) -> None:
         """The first generated token, from the last prompt position's [V] logits."""

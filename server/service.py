@@ -71,6 +71,18 @@ class Unparsable:
     error: str
 
 
+def _source(messages) -> str:
+    """An encoder-decoder's input from chat messages, for models without a chat template (T5,
+    Marian): one user message, after any system messages (say, T5's "translate English to German:")."""
+    turns = [m for m in messages if m.role != "system"]
+    if len(turns) != 1 or turns[0].role != "user":
+        raise InvalidRequest(
+            "this encoder-decoder model reads one user message (plus optional system messages before it), "
+            f"not a conversation of {len(turns)} turns; send the text to translate or summarize as one user message"
+        )
+    return " ".join(m.content for m in messages)
+
+
 def _tolerant(parse):
     """A deserializer that hands the handler an Unparsable instead of failing the call with UNKNOWN."""
 
@@ -205,6 +217,8 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
                     raise InvalidRequest(f"messages[{i}].role is {message.role!r}; use one of {list(CHAT_ROLES)}")
             if sum(len(m.content) for m in request.messages) > max_chars:
                 raise InvalidRequest("the messages are far longer than the context length")
+            if not tokenizer.chat_template and self.engine.info.limits.encoder_decoder:
+                return tokenizer.encode(_source(request.messages))
             if not tokenizer.chat_template:
                 raise InvalidRequest("this model has no chat template; send a plain prompt instead")
             chat = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -347,6 +361,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
             default_max_small_tokens=config.defaults.max_small_tokens,
             max_batch_size=engine.config.max_num_seqs,
             has_chat_template=bool(self.tokenizer.chat_template),
+            encoder_decoder=engine.info.limits.encoder_decoder,
         )
 
     async def GetLoad(self, request: bild_pb2.GetLoadRequest, context: grpc.aio.ServicerContext):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scheduler.model_runner import CausalLMRunner
+from scheduler.engine_core import runner
 from scheduler.policy import CostModel, CostTable
 from scheduler.request import Mode, Request, SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -40,8 +40,8 @@ def make_scheduler(
     if small is not None and costs is None:
         costs = free_verification()
     return Scheduler(
-        CausalLMRunner(small, slots, max_len) if small is not None else None,
-        CausalLMRunner(large, slots, max_len),
+        runner(small, cfg) if small is not None else None,
+        runner(large, cfg),
         cfg,
         eos,
         None if costs == "measured" else costs,
@@ -83,7 +83,8 @@ def greedy_reference(model, prompt: list[int], max_new_tokens: int, eos: int) ->
         out = model.generate(
             torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
         )
-    return out[0, len(prompt) :].tolist()
+    # An encoder-decoder's output starts with its decoder start token, not the prompt.
+    return out[0, 1 if model.config.is_encoder_decoder else len(prompt) :].tolist()
 
 
 def params(mode: Mode, max_new_tokens: int = 32, **kw) -> SamplingParams:

@@ -121,9 +121,9 @@ def test_labelling_a_continuation_reproduces_what_generation_recorded(tiny_large
     # must give back the log-probs generation recorded for them, position for position.
     from align.generate import GenSettings, encode_prompts, generate_records, make_scheduler
     from align.label import label_records
-    from scheduler.loading import load_causal_lm
+    from scheduler.loading import load_model
 
-    large, tokenizer = load_causal_lm(str(tiny_large))
+    large, tokenizer = load_model(str(tiny_large))
     settings = GenSettings(max_new_tokens=12, topk=4, batch_size=4, sampled=True, temperature=1.0)
     ids = encode_prompts(tokenizer, ["Say hello.", "Write a haiku about rain, please.", "2+2?", "Name a colour."])
     scheduler = make_scheduler(large, settings, max(map(len, ids)), tokenizer.eos_token_id)

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 VOCAB = 512
 EOS = "<|im_end|>"
@@ -58,7 +67,7 @@ def build_llama(seed: int, hidden: int = 64, layers: int = 2, init: float = 0.5)
     return LlamaForCausalLM(config).eval()
 
 
-def noisy_copy(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
+def noisy_copy(model: PreTrainedModel, scale: float, seed: int) -> PreTrainedModel:
     """A draft that agrees with `model` often but not always (about 70% at scale 0.02)."""
     torch.manual_seed(seed)
     draft = copy.deepcopy(model)
@@ -68,7 +77,7 @@ def noisy_copy(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCaus
     return draft
 
 
-def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> str:
+def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: Path) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -91,3 +100,50 @@ def smollm2_shaped_config(tokenizer) -> LlamaConfig:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_t5(seed: int, gated: bool = False, d_model: int = 64, layers: int = 2) -> T5ForConditionalGeneration:
+    """A T5 (relu) or mT5-style (gated-gelu, untied head) encoder-decoder over the tiny tokenizer;
+    a large init factor keeps its answers varied and its argmax gaps wide."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=24,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=not gated,
+        initializer_factor=8.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=SPECIALS.index(EOS),
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def build_marian(seed: int, d_model: int = 64, layers: int = 2) -> MarianMTModel:
+    """A Marian translation model (sinusoidal positions, final logits bias) over the tiny tokenizer."""
+    torch.manual_seed(seed)
+    config = MarianConfig(
+        vocab_size=VOCAB,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
+        max_position_embeddings=512,
+        init_std=0.1,  # with unscaled embeddings: the widest spread of answers among the inits tried
+        scale_embedding=False,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+        eos_token_id=SPECIALS.index(EOS),
+        forced_eos_token_id=None,
+    )
+    return MarianMTModel(config).eval()

@@ -148,7 +148,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("large_model", "small_model", "dtype", "device", "vocab_size", "context_length", "max_new_tokens_limit", "default_max_new_tokens", "default_mode", "default_fallback_threshold", "default_rollback_threshold", "default_max_small_tokens", "max_batch_size", "has_chat_template")
+    __slots__ = ("large_model", "small_model", "dtype", "device", "vocab_size", "context_length", "max_new_tokens_limit", "default_max_new_tokens", "default_mode", "default_fallback_threshold", "default_rollback_threshold", "default_max_small_tokens", "max_batch_size", "has_chat_template", "encoder_decoder")
     LARGE_MODEL_FIELD_NUMBER: _ClassVar[int]
     SMALL_MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class ModelInfo(_message.Message):
     DEFAULT_MAX_SMALL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_DECODER_FIELD_NUMBER: _ClassVar[int]
     large_model: str
     small_model: str
     dtype: str
@@ -177,7 +178,8 @@ class ModelInfo(_message.Message):
     default_max_small_tokens: int
     max_batch_size: int
     has_chat_template: bool
-    def __init__(self, large_model: _Optional[str] = ..., small_model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., default_mode: _Optional[_Union[DecodingMode, str]] = ..., default_fallback_threshold: _Optional[float] = ..., default_rollback_threshold: _Optional[float] = ..., default_max_small_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    encoder_decoder: bool
+    def __init__(self, large_model: _Optional[str] = ..., small_model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., default_mode: _Optional[_Union[DecodingMode, str]] = ..., default_fallback_threshold: _Optional[float] = ..., default_rollback_threshold: _Optional[float] = ..., default_max_small_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., encoder_decoder: _Optional[bool] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,255 @@
+"""Runs the decoder of an encoder-decoder model (T5, mT5, Marian, BART) over a batch of sequences.
+
+Each sequence runs the encoder once, alone, when it is admitted (`encode`); the decoder's
+cross-attention keys and values for it are computed then and kept in its slot, as its
+self-attention keys and values are. Decoder forwards then look like a decoder-only model's: the
+scheduler feeds each sequence's new decoder tokens on top of its cache, and a rollback shortens
+only the self-attention cache (the source does not change).
+
+Two things a batched decoder step needs that transformers' own code does not do per row:
+  * positions: each sequence sits at its own decoder position. T5-family models encode it as a
+    relative position bias built in their attention layers from one shared offset; Marian and
+    BART add position embeddings from one shared offset. During a forward both are given the
+    batch's per-row positions, computed by the model's own bias module or embedding table.
+  * cross-attention over sources of different lengths: each row's padding beyond its own source
+    is masked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from itertools import accumulate
+
+import torch
+from torch import nn
+from transformers import EncoderDecoderCache, PreTrainedModel
+
+from scheduler.kv_cache import BatchLayout, SlotKVCache
+from scheduler.model_runner import CausalLMRunner, ForwardItem
+
+
+def decoder_shape(config) -> tuple[int, int, int]:
+    """(layers, heads, head size) of the decoder's attention, for the families bild knows."""
+    if hasattr(config, "d_kv"):  # T5, mT5, UMT5
+        return config.num_decoder_layers or config.num_layers, config.num_heads, config.d_kv
+    if hasattr(config, "decoder_layers") and hasattr(config, "decoder_attention_heads"):  # BART, Marian, ...
+        return config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
+    raise ValueError(f"bild does not know the decoder layout of {config.model_type} models")
+
+
+def unsupported(model: PreTrainedModel) -> str | None:
+    """Why bild cannot place per-row decoder positions in this model, or None if it can."""
+    decoder = model.get_decoder()
+    if _relative_bias_modules(decoder):
+        return None
+    if isinstance(getattr(decoder, "embed_positions", None), nn.Embedding):
+        return None
+    return (
+        f"{model.config.model_type}: its decoder has neither a T5-style relative position bias nor a "
+        "position embedding table, so bild cannot give each sequence its own decoder position"
+    )
+
+
+def _relative_bias_modules(decoder: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in decoder.modules()
+        if getattr(m, "has_relative_attention_bias", False) and hasattr(m, "relative_attention_bias")
+    ]
+
+
+class SlotEncoderDecoderCache(EncoderDecoderCache):
+    """The pair of slot caches as transformers' encoder-decoder attention layers consult them.
+
+    With `cross_ready`, every cross-attention layer reads the batch's keys and values from the slot
+    cache (`layers[i].keys`) instead of projecting encoder states; without, it projects them and
+    writes them through `update` (at admission).
+    """
+
+    def __init__(self, self_attention: SlotKVCache, cross_attention: SlotKVCache, cross_ready: bool) -> None:
+        # Not EncoderDecoderCache.__init__: it wants two DynamicCaches. Its methods read only these.
+        self.self_attention_cache = self_attention
+        self.cross_attention_cache = _CrossAttention(cross_attention)
+        self.is_updated = dict.fromkeys(range(len(cross_attention)), True) if cross_ready else {}
+
+
+class _CrossAttention:
+    """A slot cache seen as transformers' cross-attention cache."""
+
+    class _Layer:
+        def __init__(self, cache: SlotKVCache, index: int) -> None:
+            self._cache, self._index = cache, index
+            self._values: torch.Tensor | None = None
+
+        @property
+        def keys(self) -> torch.Tensor:  # attention reads keys, then values: one gather for both
+            keys, self._values = self._cache.read(self._index)
+            return keys
+
+        @property
+        def values(self) -> torch.Tensor:
+            values, self._values = self._values, None
+            return values if values is not None else self._cache.read(self._index)[1]
+
+    def __init__(self, cache: SlotKVCache) -> None:
+        self._cache = cache
+        self.layers = [self._Layer(cache, i) for i in range(len(cache))]
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self._cache.update(keys, values, layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._cache.get_seq_length(layer_idx)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+class Seq2SeqRunner(CausalLMRunner):
+    """Batched decoder forwards of a Hugging Face encoder-decoder model over slot caches.
+
+    The decoder's context of a sequence is its decoder start token and what it generated; the
+    source (the encoder's input) is given once to `encode`.
+    """
+
+    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int, max_source_len: int) -> None:
+        problem = unsupported(model)
+        if problem:
+            raise ValueError(problem)
+        super().__init__(model, num_slots, max_len)
+        layers, heads, head_dim = decoder_shape(model.config)
+        self.cross = SlotKVCache(layers, heads, head_dim, num_slots, max_source_len, self.dtype, self.device)
+        self.max_source_len = max_source_len
+        # A slot never encoded still attends over one (zeroed) source position, so no softmax row is
+        # empty; such rows are only the cost profile's and padding's.
+        self.source_len = torch.ones(num_slots, dtype=torch.long, device=self.device)
+        self._bias_modules = _relative_bias_modules(model.get_decoder())
+        self._d_model = model.config.d_model
+        start = model.generation_config.decoder_start_token_id
+        self.decoder_start_token_id = start if start is not None else model.config.decoder_start_token_id
+        if self.decoder_start_token_id is None:
+            raise ValueError(f"{model.config.model_type}: no decoder_start_token_id in its configuration")
+
+    @staticmethod
+    def _kv_shape(config) -> tuple[int, int, int]:
+        return decoder_shape(config)
+
+    @torch.inference_mode()
+    def encode(self, slot: int, source: list[int]) -> None:
+        """Run the encoder on one sequence's source, alone (so its states never depend on the batch),
+        and keep the decoder's cross-attention keys and values for it in `slot`."""
+        if len(source) > self.max_source_len:
+            raise ValueError(f"the source has {len(source)} tokens; at most {self.max_source_len} fit")
+        started = time.perf_counter()
+        device, n = self.device, len(source)
+        ids = torch.tensor([source], device=device)
+        states = self.model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        # One decoder step over the start token makes every cross-attention layer project the encoder
+        # states through its own weights and write them to the slot (the model's code, whatever the
+        # family). Its self-attention key goes to the scratch slot; the decoder stack's output is
+        # dropped, and the output head (a large product for mT5's vocabulary) never runs.
+        one = torch.tensor([slot], device=device)
+        self.cross.prepare(
+            BatchLayout(one, one[:, None].expand(1, n), torch.arange(n, device=device)[None], n, slice(slot, slot + 1))
+        )
+        self.cache.prepare(
+            BatchLayout(
+                one,
+                torch.full((1, 1), self.cache.scratch_slot, device=device),
+                torch.zeros((1, 1), dtype=torch.long, device=device),
+                1,
+                slice(slot, slot + 1),
+            )
+        )
+        try:
+            with self._per_row_positions(torch.zeros((1, 1), dtype=torch.long, device=device)):
+                self.model.get_decoder()(
+                    input_ids=torch.tensor([[self.decoder_start_token_id]], device=device),
+                    attention_mask=torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=device),
+                    encoder_hidden_states=states,
+                    use_cache=True,
+                    **{self._cache_kw: SlotEncoderDecoderCache(self.cache, self.cross, cross_ready=False)},
+                )
+        finally:
+            self.cache.layout = self.cross.layout = None
+        self.source_len[slot] = n
+        self.forward_seconds += time.perf_counter() - started  # the policy counts it as model time
+
+    def next_token_logits(self, items: list[ForwardItem]) -> torch.Tensor:
+        # The seq2seq heads have no `logits_to_keep`: take each item's last row of all the logits.
+        last = torch.tensor(list(accumulate(len(item.tokens) for item in items)), device=self.device) - 1
+        return self._forward(items, all_logits=True)[last]
+
+    def _run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, all_logits: bool
+    ) -> torch.Tensor:
+        batch, width = input_ids.shape
+        layout = self.cache.layout  # the decoder's: its rows read the same slots' sources
+        source_len = self.source_len[layout.slots]
+        kv_len = min(self.max_source_len, -(-int(source_len.max()) // self.kv_bucket) * self.kv_bucket)
+        no_writes = torch.zeros((batch, 0), dtype=torch.long, device=self.device)
+        self.cross.prepare(BatchLayout(layout.slots, no_writes, no_writes, kv_len, layout.contiguous))
+        beyond = torch.arange(kv_len, device=self.device)[None, :] >= source_len[:, None]  # [B, S]
+        source_mask = torch.zeros((batch, 1, width, kv_len), dtype=self.dtype, device=self.device)
+        source_mask.masked_fill_(beyond[:, None, None, :], self._mask_min)
+        # The cross-attention layers read their keys from the cache; the encoder states are only
+        # consulted for their shape, so a broadcast zero stands in for them.
+        states = torch.zeros((1, 1, self._d_model), dtype=self.dtype, device=self.device).expand(batch, kv_len, -1)
+        try:
+            with self._per_row_positions(positions):
+                out = self.model(
+                    decoder_input_ids=input_ids,
+                    decoder_attention_mask=mask,
+                    attention_mask=source_mask,
+                    encoder_outputs=(states,),
+                    use_cache=True,
+                    **{self._cache_kw: SlotEncoderDecoderCache(self.cache, self.cross, cross_ready=True)},
+                )
+        finally:
+            self.cross.layout = None
+        return out.logits
+
+    @contextmanager
+    def _per_row_positions(self, positions: torch.Tensor) -> Iterator[None]:
+        """During one forward, the decoder places row b's query j at positions[b, j] (its own)."""
+        with ExitStack() as stack:
+            for module in self._bias_modules:
+                stack.enter_context(_patched(module, "compute_bias", _relative_bias(module, positions)))
+            table = getattr(self.model.get_decoder(), "embed_positions", None)
+            if not self._bias_modules and isinstance(table, nn.Embedding):
+                offset = getattr(table, "offset", 0)  # BART's learned table starts 2 rows in
+
+                def embed(*args, **kwargs) -> torch.Tensor:
+                    return nn.Embedding.forward(table, positions + offset)
+
+                stack.enter_context(_patched(table, "forward", embed))
+            yield
+
+
+def _relative_bias(module: nn.Module, positions: torch.Tensor):
+    """A `compute_bias` for a T5-style attention module that biases row b's queries by their own
+    positions (T5's shares one offset across the batch): the module's own bucketing and table."""
+
+    def compute_bias(query_length: int, key_length: int, *args, **kwargs) -> torch.Tensor:
+        memory = torch.arange(key_length, device=positions.device)
+        relative = memory[None, None, :] - positions[:, :query_length, None]  # [B, Q, K]
+        buckets = module._relative_position_bucket(
+            relative,
+            bidirectional=not module.is_decoder,
+            num_buckets=module.relative_attention_num_buckets,
+            max_distance=module.relative_attention_max_distance,
+        )
+        return module.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [B, H, Q, K]
+
+    return compute_bias
+
+
+@contextmanager
+def _patched(module: nn.Module, name: str, replacement) -> Iterator[None]:
+    setattr(module, name, replacement)  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        delattr(module, name)
