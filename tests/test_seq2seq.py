@@ -1,4 +1,4 @@
-"""Encoder-decoder pairs (T5, mT5-style gated-gelu, Marian) on random-weight models built from configs:
+"""Encoder-decoder pairs (T5, mT5-style gated-gelu, Marian, BART) on random-weight models built from configs:
 the same guarantees as the decoder-only path, checked against transformers' own `generate`."""
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from tests.engine_util import greedy_reference, make_scheduler, params, run, smo
 
 EOS = tiny.SPECIALS.index(tiny.EOS)
 MAX_NEW = 24
-FAMILIES = ["t5", "mt5", "marian"]
+FAMILIES = ["t5", "mt5", "marian", "bart"]
 JOIN_AT = [0, 0, 1, 3, 3, 4, 8, 9]
 
 
 def build(family: str, seed: int, **kw):
     if family == "marian":
         return tiny.build_marian(seed, **kw)
+    if family == "bart":
+        return tiny.build_bart(seed, **kw)
     return tiny.build_t5(seed, gated=family == "mt5", **kw)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     LlamaConfig,
     LlamaForCausalLM,
     MarianConfig,
@@ -139,11 +141,37 @@ def build_marian(seed: int, d_model: int = 64, layers: int = 2) -> MarianMTModel
         encoder_ffn_dim=2 * d_model,
         decoder_ffn_dim=2 * d_model,
         max_position_embeddings=512,
-        init_std=0.1,  # with unscaled embeddings: the widest spread of answers among the inits tried
+        init_std=0.1,  # with unscaled, untied embeddings: the widest spread of answers among the inits tried
         scale_embedding=False,
+        tie_word_embeddings=False,
         pad_token_id=0,
         decoder_start_token_id=0,
         eos_token_id=SPECIALS.index(EOS),
         forced_eos_token_id=None,
     )
     return MarianMTModel(config).eval()
+
+
+def build_bart(seed: int, d_model: int = 64, layers: int = 2) -> BartForConditionalGeneration:
+    """A BART (learned position table two rows in, embedding layer norm) over the tiny tokenizer."""
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
+        max_position_embeddings=512,
+        init_std=0.15,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=0,
+        decoder_start_token_id=0,
+        eos_token_id=SPECIALS.index(EOS),
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(config).eval()
