@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "/health, /metrics and a chat page (/) on this port, same engine (default: off; 0 picks a free port)",
     )
     net.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="let browser pages from this origin (e.g. https://chat.example.com; * for any) call the HTTP API "
+        "(repeatable; default: same origin only)",
+    )
+    net.add_argument(
         "--drain-delay",
         type=float,
         default=5.0,
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             args.tls_client_ca,
             read_api_keys(args.api_key, args.api_key_file),
             args.insecure,
+            tuple(args.cors_origin),
         )
         security.check(args.host)
         if args.drain_delay < 0 or args.grace < 0:

@@ -12,6 +12,8 @@ Routes (aiohttp):
 - `GET /`: the chat and translation page (`server/static/`; it needs a key only for its requests).
 
 With API keys, every route but `/health` and the page needs `Authorization: Bearer <key>`.
+With `--cors-origin`, pages from those origins may call the `/v1/` routes from a browser (CORS,
+by aiohttp-cors; preflight requests need no key, as browsers send them without one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import ssl
 from pathlib import Path
 
+import aiohttp_cors
 import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -67,6 +70,14 @@ class HttpFrontEnd:
         app.router.add_get("/v1/models/{id:.+}", self.model)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
+        if security.cors_origins:
+            options = aiohttp_cors.ResourceOptions(
+                allow_headers=("Authorization", "Content-Type"), expose_headers=("Retry-After",), max_age=600
+            )
+            cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(security.cors_origins, options))
+            for route in list(app.router.routes()):
+                if route.resource is not None and route.resource.canonical.startswith("/v1/"):
+                    cors.add(route)
         self.app = app
 
     @property
@@ -107,7 +118,7 @@ class HttpFrontEnd:
     @web.middleware
     async def _errors_and_keys(self, request: web.Request, handler):
         path = request.path
-        needs_key = path != "/" and not path.startswith(OPEN_PATHS)
+        needs_key = path != "/" and not path.startswith(OPEN_PATHS) and request.method != "OPTIONS"
         if needs_key and self._authorized is not None:
             header = request.headers.get("Authorization", "")
             if not self._authorized((("authorization", header),)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ class SecurityConfig:
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     insecure: bool = False  # allow a non-loopback address with neither TLS nor keys
+    # Web origins whose pages may call the HTTP API from a browser (CORS); "*" for any.
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
 
     def check(self, host: str) -> None:
         """Raise ValueError for settings that cannot work or that would expose the server openly."""
@@ -37,6 +40,11 @@ class SecurityConfig:
         for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
             if path and not Path(path).is_file():
                 raise ValueError(f"no such file: {path}")
+        for origin in self.cors_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(
+                    f"--cors-origin {origin!r}: give a scheme and host, e.g. https://chat.example.com, or *"
+                )
         if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
             raise ValueError("an API key must be non-empty and without whitespace")
         if not (self.tls_cert or self.api_keys or self.insecure or is_loopback(host)):

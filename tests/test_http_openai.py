@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -28,12 +30,16 @@ KEY = "test-key-1"
 SERVER_ARGS = ["--context-length", "1024", "--max-new-tokens-limit", "1000", "--fallback-threshold", "0.2"]
 
 
+ORIGIN = "https://chat.example.com"
+
+
 @pytest.fixture(scope="module")
 def http(tiny_dirs, free_costs):
     """One KV slot and no queue: a request that leaked its slot makes the next one fail with 429."""
     server, base = start_http_server(
         "--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1", "--max-waiting", "0",
-        "--metrics-port", "0", "--api-key", KEY, "--drain-delay", "0", "--cost-profile", free_costs, *SERVER_ARGS,
+        "--metrics-port", "0", "--api-key", KEY, "--drain-delay", "0", "--cost-profile", free_costs,
+        "--cors-origin", ORIGIN, *SERVER_ARGS,
     )  # fmt: skip
     server.base = base
     yield server
@@ -143,6 +149,37 @@ def test_chat_logprobs_and_stop_strings(client, model):
     )
     assert cut.choices[0].finish_reason == "stop" and cut.bild["stop_reason"] == stop
     assert cut.choices[0].message.content == text[: text.index(stop)]
+
+
+def cors_request(url: str, method: str, origin: str, headers: dict[str, str] | None = None, data=None):
+    request = urllib.request.Request(url, data, {"Origin": origin, **(headers or {})}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers
+
+
+def test_pages_of_an_allowed_origin_may_call_the_api_from_a_browser(http, model):
+    url = http.base + "/v1/chat/completions"
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    # A browser's preflight carries no key, and must not need one.
+    status, headers = cors_request(url, "OPTIONS", ORIGIN, preflight)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "AUTHORIZATION" in headers["Access-Control-Allow-Headers"].upper()
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    status, headers = cors_request(url, "POST", ORIGIN, auth, body)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    # Another origin gets no permission; the request itself still needs its key.
+    status, headers = cors_request(url, "OPTIONS", "https://elsewhere.example", preflight)
+    assert status == 403 and "Access-Control-Allow-Origin" not in headers
+    status, headers = cors_request(url, "POST", "https://elsewhere.example", auth, body)
+    assert "Access-Control-Allow-Origin" not in headers
+    assert cors_request(url, "POST", ORIGIN, {"Content-Type": "application/json"}, body)[0] == 401
 
 
 def test_errors_have_openai_shape_and_status(http, client, model):

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import BildClient
+from server.security import SecurityConfig
 from tests.server_util import start_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -213,3 +214,13 @@ def test_a_public_address_needs_tls_or_a_key(extra, refused):
         assert "bild-server:" in out.stderr and ("refusing to serve" in out.stderr or "go together" in out.stderr)
     else:  # it got as far as loading the (missing) model
         assert "refusing" not in out.stderr
+
+
+@pytest.mark.parametrize("origin, ok", [("https://chat.example.com", True), ("*", True), ("chat.example.com", False)])
+def test_cors_origins_are_checked(origin, ok):
+    config = SecurityConfig(cors_origins=(origin,))
+    if ok:
+        config.check("127.0.0.1")
+    else:
+        with pytest.raises(ValueError, match="scheme and host"):
+            config.check("127.0.0.1")
