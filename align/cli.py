@@ -198,6 +198,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     started = time.time()
 
     large, tokenizer = load_model(args.large)
+    if large.config.is_encoder_decoder:
+        raise SystemExit(f"bild-align aligns drafts of decoder-only models; {args.large} is an encoder-decoder")
     magpie = (
         MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts)
         if args.smoke
@@ -325,18 +327,19 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     def on_checkpoint(model, step: int) -> None:
         # Ship what we have, so a later failure still leaves a usable model in --out; but never
         # replace a shipped model that agrees better (an earlier run's, or this run's warm-up).
-        score = agreement(model, judged)["agreement"]
-        shipped = out / "alignment.json"
-        best = json.loads(shipped.read_text()).get(f"{judge}_agreement", -1.0) if shipped.is_file() else -1.0
-        if score >= best:
+        path = out / "alignment.json"
+        shipped = json.loads(path.read_text()) if path.is_file() else {}
+        scores = {judge: agreement(model, judged)["agreement"]}
+        # Like with like: a model shipped before it was measured on `judge`'s set is compared on held-out.
+        name = judge if not shipped or f"{judge}_agreement" in shipped else "heldout"
+        if name not in scores:
+            scores[name] = agreement(model, held)["agreement"]
+        if scores[name] >= shipped.get(f"{name}_agreement", -1.0):
+            figures = {f"{k}_agreement": v for k, v in scores.items()}
             save_small(
-                model,
-                tokenizer,
-                out,
-                info={**info, "step": step, "final": False, f"{judge}_agreement": score},
-                vocab_ids=vocab_ids,
+                model, tokenizer, out, info={**info, "step": step, "final": False, **figures}, vocab_ids=vocab_ids
             )
-            log.info("checkpoint at step %d shipped to %s (%s agreement %.4f)", step, out, judge, score)
+            log.info("checkpoint at step %d shipped to %s (%s agreement %.4f)", step, out, name, scores[name])
 
     summary = train(
         small,

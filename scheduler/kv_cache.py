@@ -57,7 +57,10 @@ class SlotKVCache:
         # numbers, since softmax weight 0 times NaN is NaN.
         self._zeroed_upto = 0
         self.layout: BatchLayout | None = None
-        self.is_sliding = [False] * num_layers  # transformers 5.1x reads this per layer
+        # transformers reads these per layer (sliding-window, linear-attention and placeholder layers).
+        self.is_sliding = [False] * num_layers
+        self.is_linear = [False] * num_layers
+        self.is_dummy = [False] * num_layers
 
     def prepare(self, layout: BatchLayout) -> None:
         if layout.kv_len > self._zeroed_upto:

@@ -44,6 +44,12 @@ class CausalLMRunner:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.vocab_limit = self.vocab_size  # logits beyond this are cut off (see Scheduler)
+        # Tokens the model's generation config never lets it produce (Marian's padding, say), as
+        # transformers' `generate` enforces them: single-token bad words and suppressed tokens.
+        config_gen = model.generation_config
+        banned = {words[0] for words in config_gen.bad_words_ids or [] if len(words) == 1}
+        banned |= set(config_gen.suppress_tokens or [])
+        self.banned = torch.tensor(sorted(banned), device=self.device) if banned else None
         self.cache = SlotKVCache(*self._kv_shape(config), num_slots, max_len, self.dtype, self.device)
         # transformers renamed the forward's cache keyword (`past_key_values` -> `cache`) in 5.2x.
         params = inspect.signature(model.forward).parameters
@@ -146,6 +152,8 @@ class CausalLMRunner:
                 if n_tokens != logits.shape[0]:
                     logits = logits[is_token.flatten()]
         logits = logits[..., : self.vocab_limit]
+        if self.banned is not None:
+            logits[..., self.banned[self.banned < logits.shape[-1]]] = self._mask_min
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # so the time is the forward's, not the next sync's
         self.forward_seconds += time.perf_counter() - started

@@ -46,6 +46,8 @@ def _table(runner: CausalLMRunner, counts: list[int], max_rows: int) -> CostTabl
     prefix = max(1, min(PREFIX, runner.cache.max_len - MAX_WIDTH - 1))
     runner.run_as = []  # each count as itself
     for slot in range(max_rows):
+        if hasattr(runner, "encode"):  # an encoder-decoder: its decoder attends over a source as well
+            runner.encode(slot, [1] * prefix)
         runner.next_token_logits([ForwardItem(slot, 0, [1] * prefix)])
     seconds = []
     for n in counts:

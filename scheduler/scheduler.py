@@ -13,9 +13,9 @@ Each call to `step()` is one iteration:
      of unchecked tokens) and every `large`-mode sequence; the rollback rule cuts each draft at
      its first bad token and the large model's token goes there, or after the drafts if all stand;
   5. settled tokens are handed out; finished sequences free their slot.
-An encoder-decoder pair (T5, Marian) runs both encoders once per request, when its prompt (the
-source) is fed; the decoder's context then starts with its start token, and everything above
-applies to the decoders.
+An encoder-decoder pair (T5, Marian) runs a request's encoders once, when its prompt (the source)
+is first fed; its decoder context starts with the start token, and everything above applies to
+the decoders.
 An iteration that raises is retried one sequence at a time, so a fault ends only the requests it
 follows (`_isolate`).
 
@@ -69,6 +69,12 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+def reservation(request: Request) -> int:
+    """Tokens a request holds of the budget while it runs: its prompt (an encoder-decoder's source)
+    and all it may generate."""
+    return len(request.prompt) + request.params.max_new_tokens
+
+
 @dataclass(eq=False)  # compared by identity
 class Sequence:
     request: Request
@@ -102,7 +108,7 @@ class Sequence:
 
     @property
     def reserved(self) -> int:
-        return len(self.request.prompt) + self.request.params.max_new_tokens
+        return reservation(self.request)
 
     @property
     def drafted(self) -> int:
@@ -149,6 +155,11 @@ class Scheduler:
         self.encoder_decoder = isinstance(large, Seq2SeqRunner)
         if small is not None and isinstance(small, Seq2SeqRunner) != self.encoder_decoder:
             raise ValueError("one model of the pair is an encoder-decoder and the other is not")
+        if self.encoder_decoder and small is not None and small.decoder_prompt != large.decoder_prompt:
+            raise ValueError(
+                f"the small decoder starts from {small.decoder_prompt} but the large one from {large.decoder_prompt} "
+                "(decoder_start_token_id, forced_bos_token_id): a draft must start where the large model does"
+            )
         if small is not None and costs is None:
             from scheduler.profile import cost_model  # it measures with runners: not needed without a draft
 
@@ -291,13 +302,13 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and self._free_slots:
             request = self.waiting[0]
-            need = len(request.prompt) + request.params.max_new_tokens
+            need = reservation(request)
             if self._reserved_tokens + need > self.config.max_num_tokens:
                 break  # strictly in order: a big request is not overtaken by smaller ones
             self.waiting.popleft()
             self._free_slots.sort()
             # An encoder-decoder's decoder starts from its start token; the prompt is the source.
-            context = [self.large.decoder_start_token_id] if self.encoder_decoder else list(request.prompt)
+            context = list(self.large.decoder_prompt) if self.encoder_decoder else list(request.prompt)
             n = len(context)
             params = request.params
             seq = Sequence(

@@ -20,36 +20,38 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from itertools import accumulate
 
 import torch
 from torch import nn
 from transformers import EncoderDecoderCache, PreTrainedModel
 
 from scheduler.kv_cache import BatchLayout, SlotKVCache
-from scheduler.model_runner import CausalLMRunner, ForwardItem
+from scheduler.model_runner import CausalLMRunner
+
+# The families whose decoders bild gives per-row positions, each checked against transformers'
+# greedy `generate`: T5's relative position bias (T5, mT5), or a position table (the rest). Others
+# that look alike differ where it matters (UMT5's bias buckets, FSMT's and M2M100's position
+# numbering), so they are refused rather than guessed at.
+RELATIVE_BIAS = ("t5", "mt5")
+POSITION_TABLE = ("marian", "bart", "mbart", "pegasus", "blenderbot-small")
 
 
 def decoder_shape(config) -> tuple[int, int, int]:
-    """(layers, heads, head size) of the decoder's attention, for the families bild knows."""
-    if hasattr(config, "d_kv"):  # T5, mT5, UMT5
+    """(layers, heads, head size) of the decoder's attention."""
+    if config.model_type in RELATIVE_BIAS:
         return config.num_decoder_layers or config.num_layers, config.num_heads, config.d_kv
-    if hasattr(config, "decoder_layers") and hasattr(config, "decoder_attention_heads"):  # BART, Marian, ...
-        return config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
-    raise ValueError(f"bild does not know the decoder layout of {config.model_type} models")
+    return config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
 
 
 def unsupported(model: PreTrainedModel) -> str | None:
-    """Why bild cannot place per-row decoder positions in this model, or None if it can."""
-    decoder = model.get_decoder()
-    if _relative_bias_modules(decoder):
-        return None
-    if isinstance(getattr(decoder, "embed_positions", None), nn.Embedding):
-        return None
-    return (
-        f"{model.config.model_type}: its decoder has neither a T5-style relative position bias nor a "
-        "position embedding table, so bild cannot give each sequence its own decoder position"
-    )
+    """Why bild cannot serve this encoder-decoder, or None if it can."""
+    kind = model.config.model_type
+    if kind not in RELATIVE_BIAS + POSITION_TABLE:
+        return (
+            f"bild serves the encoder-decoder families {', '.join(RELATIVE_BIAS + POSITION_TABLE)}, not {kind}: "
+            "each sequence needs its own decoder position, which bild sets per family"
+        )
+    return None
 
 
 def _relative_bias_modules(decoder: nn.Module) -> list[nn.Module]:
@@ -100,12 +102,6 @@ class _CrossAttention:
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         return self._cache.update(keys, values, layer_idx)
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._cache.get_seq_length(layer_idx)
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
 
 class Seq2SeqRunner(CausalLMRunner):
     """Batched decoder forwards of a Hugging Face encoder-decoder model over slot caches.
@@ -119,18 +115,30 @@ class Seq2SeqRunner(CausalLMRunner):
         if problem:
             raise ValueError(problem)
         super().__init__(model, num_slots, max_len)
-        layers, heads, head_dim = decoder_shape(model.config)
-        self.cross = SlotKVCache(layers, heads, head_dim, num_slots, max_source_len, self.dtype, self.device)
+        self.cross = SlotKVCache(*self._kv_shape(model.config), num_slots, max_source_len, self.dtype, self.device)
         self.max_source_len = max_source_len
         # A slot never encoded still attends over one (zeroed) source position, so no softmax row is
         # empty; such rows are only the cost profile's and padding's.
         self.source_len = torch.ones(num_slots, dtype=torch.long, device=self.device)
-        self._bias_modules = _relative_bias_modules(model.get_decoder())
+        decoder = model.get_decoder()
+        if model.config.model_type in RELATIVE_BIAS:
+            self._bias_modules, self._table = _relative_bias_modules(decoder), None
+        else:
+            self._bias_modules, self._table = [], decoder.embed_positions
         self._d_model = model.config.d_model
-        start = model.generation_config.decoder_start_token_id
-        self.decoder_start_token_id = start if start is not None else model.config.decoder_start_token_id
-        if self.decoder_start_token_id is None:
+        gen = model.generation_config
+        start = (
+            gen.decoder_start_token_id
+            if gen.decoder_start_token_id is not None
+            else model.config.decoder_start_token_id
+        )
+        if start is None:
             raise ValueError(f"{model.config.model_type}: no decoder_start_token_id in its configuration")
+        self.decoder_start_token_id = start
+        # What every decoder context starts with: the start token, and the token `generate` would
+        # force first (mBART's target language, BART-CNN's BOS), which is then not streamed.
+        forced = gen.forced_bos_token_id
+        self.decoder_prompt = [start] if forced is None else [start, forced]
 
     @staticmethod
     def _kv_shape(config) -> tuple[int, int, int]:
@@ -177,11 +185,6 @@ class Seq2SeqRunner(CausalLMRunner):
         self.source_len[slot] = n
         self.forward_seconds += time.perf_counter() - started  # the policy counts it as model time
 
-    def next_token_logits(self, items: list[ForwardItem]) -> torch.Tensor:
-        # The seq2seq heads have no `logits_to_keep`: take each item's last row of all the logits.
-        last = torch.tensor(list(accumulate(len(item.tokens) for item in items)), device=self.device) - 1
-        return self._forward(items, all_logits=True)[last]
-
     def _run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, all_logits: bool
     ) -> torch.Tensor:
@@ -198,7 +201,13 @@ class Seq2SeqRunner(CausalLMRunner):
         # consulted for their shape, so a broadcast zero stands in for them.
         states = torch.zeros((1, 1, self._d_model), dtype=self.dtype, device=self.device).expand(batch, kv_len, -1)
         try:
-            with self._per_row_positions(positions):
+            with ExitStack() as stack:
+                stack.enter_context(self._per_row_positions(positions))
+                if not all_logits:
+                    # The seq2seq heads have no `logits_to_keep`. Rows are left-padded, so every row's
+                    # last token is in the last column: only that column reaches the output head.
+                    head = self.model.get_output_embeddings()
+                    stack.enter_context(head.register_forward_pre_hook(lambda _, args: (args[0][:, -1:],)))
                 out = self.model(
                     decoder_input_ids=input_ids,
                     decoder_attention_mask=mask,
@@ -217,8 +226,8 @@ class Seq2SeqRunner(CausalLMRunner):
         with ExitStack() as stack:
             for module in self._bias_modules:
                 stack.enter_context(_patched(module, "compute_bias", _relative_bias(module, positions)))
-            table = getattr(self.model.get_decoder(), "embed_positions", None)
-            if not self._bias_modules and isinstance(table, nn.Embedding):
+            table = self._table
+            if table is not None:
                 offset = getattr(table, "offset", 0)  # BART's learned table starts 2 rows in
 
                 def embed(*args, **kwargs) -> torch.Tensor:

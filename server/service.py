@@ -74,11 +74,11 @@ class Unparsable:
 def _source(messages) -> str:
     """An encoder-decoder's input from chat messages, for models without a chat template (T5,
     Marian): one user message, after any system messages (say, T5's "translate English to German:")."""
-    turns = [m for m in messages if m.role != "system"]
-    if len(turns) != 1 or turns[0].role != "user":
+    roles = [m.role for m in messages]
+    if roles[-1] != "user" or set(roles[:-1]) - {"system"}:
         raise InvalidRequest(
-            "this encoder-decoder model reads one user message (plus optional system messages before it), "
-            f"not a conversation of {len(turns)} turns; send the text to translate or summarize as one user message"
+            "this encoder-decoder model reads one user message, after optional system messages (a task "
+            f"prefix), not the roles {roles}; send the text to translate or summarize as one user message"
         )
     return " ".join(m.content for m in messages)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scheduler.pair import load_pair
 from scheduler.request import FinishReason, Mode, Request
 from scheduler.seq2seq_runner import Seq2SeqRunner
 from tests import tiny
@@ -23,6 +24,21 @@ def build(family: str, seed: int, **kw):
     if family == "bart":
         return tiny.build_bart(seed, **kw)
     return tiny.build_t5(seed, gated=family == "mt5", **kw)
+
+
+def count_encodes(scheduler) -> dict[tuple[str, int], int]:
+    """Counts each runner's encodes by (model, source length) from now on."""
+    counts: dict[tuple[str, int], int] = {}
+    for name in ("large", "small"):
+        runner = getattr(scheduler, name)
+        original = runner.encode
+
+        def encode(slot, source, name=name, original=original):
+            counts[(name, len(source))] = counts.get((name, len(source)), 0) + 1
+            return original(slot, source)
+
+        runner.encode = encode
+    return counts
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -70,7 +86,8 @@ def test_exact_equals_large_greedy_generate_under_staggered_joins(pair, sources,
 
 @pytest.mark.parametrize("load", [1, 6])
 def test_the_load_adaptive_plan_applies_and_exact_stays_exact(pair, sources, references, load):
-    """With a real pair's costs the plan drafts at one sequence, and may decode large-only when busy."""
+    """With a real pair's costs the plan drafts at one sequence; whatever it chooses when busy, exact
+    stays the large model's greedy output."""
     scheduler = make_scheduler(pair["large"], pair["draft"], {EOS}, slots=load, costs=smollm2_costs())
     join_at = [i * 3 for i in range(len(sources))]
     outputs, requests = run(scheduler, sources, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2), join_at)
@@ -114,7 +131,8 @@ def test_batched_equals_alone(pair, sources, mode):
     assert together == alone
 
 
-def test_sampling_is_seeded_and_exact_sampling_keeps_the_large_models_distribution(pair, sources):
+def test_sampling_is_seeded(pair, sources):
+    # The distribution itself is the decoder-only path's (tests/test_sampling.py): the same code.
     p = params(Mode.EXACT, MAX_NEW, temperature=0.8, top_p=0.9, seed=7, fallback_threshold=0.3)
     scheduler = make_scheduler(pair["large"], pair["draft"], {EOS}, slots=4)
     first, _ = run(scheduler, sources, p)
@@ -151,8 +169,10 @@ def test_cancel_frees_the_slot_for_a_new_source(pair, sources, references):
 
 def test_a_long_source_is_encoded_once_and_refused_beyond_the_context(pair, sources, references):
     scheduler = make_scheduler(pair["large"], pair["draft"], {EOS}, slots=2, max_len=64, max_prefill_tokens=8)
+    encoded = count_encodes(scheduler)
     outputs, _ = run(scheduler, [sources[3], sources[0]], params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2))
     assert outputs == [references[3], references[0]]  # a 40-token source over an 8-token prefill budget
+    assert encoded == {("large", 40): 1, ("small", 40): 1, ("large", 3): 1, ("small", 3): 1}
     with pytest.raises(ValueError, match="exceeds the context length"):
         scheduler.add(Request("x", list(range(3, 60)), params(Mode.EXACT, 20)))
 
@@ -160,3 +180,67 @@ def test_a_long_source_is_encoded_once_and_refused_beyond_the_context(pair, sour
 def test_a_pair_of_mixed_kinds_is_refused(pair):
     with pytest.raises(ValueError, match="encoder-decoder"):
         make_scheduler(pair["large"], tiny.build_llama(seed=4), {EOS})
+
+
+def test_a_source_whose_encoding_fails_ends_only_its_request(pair, sources, references):
+    scheduler = make_scheduler(pair["large"], pair["draft"], {EOS}, slots=3)
+    original = scheduler.large.encode
+
+    def encode(slot, source):
+        if source == sources[2]:
+            raise RuntimeError("injected fault in the encoder")
+        return original(slot, source)
+
+    scheduler.large.encode = encode
+    outputs, requests = run(scheduler, sources[:4], params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2), [0, 0, 1, 2])
+    assert requests[2].stats.generated_tokens == 0 and outputs[2] == []
+    assert [outputs[i] for i in (0, 1, 3)] == [references[i] for i in (0, 1, 3)]
+
+
+def test_a_slot_serves_requests_of_every_mode_in_turn(pair, sources, references):
+    """One slot: a large-mode request leaves the small model's cross-attention for it unwritten, a
+    small-mode one the large model's; the next request in the slot must not see either."""
+    scheduler = make_scheduler(pair["large"], pair["draft"], {EOS}, slots=1)
+    modes = [Mode.LARGE, Mode.EXACT, Mode.SMALL, Mode.EXACT, Mode.BILD, Mode.EXACT]
+    picks = [3, 0, 1, 5, 6, 2]
+    outputs, _ = run(
+        scheduler, [sources[i] for i in picks], [params(m, MAX_NEW, fallback_threshold=0.2) for m in modes]
+    )
+    for mode, i, out in zip(modes, picks, outputs):
+        if mode in (Mode.LARGE, Mode.EXACT):
+            assert out == references[i]
+
+
+def test_the_generation_config_bans_and_forced_first_token_are_honoured(sources):
+    """As `generate` applies them: a banned token (Marian bans its padding) is never produced, and a
+    forced first token (mBART's target language) starts every reply, unstreamed."""
+    large = tiny.build_bart(seed=1)
+    plain = [greedy_reference(large, s, MAX_NEW, EOS) for s in sources]
+    commonest = max(set(t for r in plain for t in r), key=lambda t: sum(r.count(t) for r in plain))
+    large.generation_config.bad_words_ids = [[commonest]]
+    large.generation_config.forced_bos_token_id = 5
+    draft = tiny.noisy_copy(large, 0.01, seed=2)
+    refs = [greedy_reference(large, s, MAX_NEW + 1, EOS) for s in sources]
+    assert all(r[0] == 5 and commonest not in r for r in refs)
+    scheduler = make_scheduler(large, draft, {EOS}, slots=4)
+    outputs, _ = run(scheduler, sources, params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2), JOIN_AT)
+    assert outputs == [r[1:] for r in refs]
+    draft.generation_config.forced_bos_token_id = 6
+    with pytest.raises(ValueError, match="a draft must start where the large model does"):
+        make_scheduler(large, tiny.noisy_copy(draft, 0.0, seed=3), {EOS})
+
+
+def test_families_bild_cannot_place_positions_for_are_refused():
+    from transformers import UMT5Config, UMT5ForConditionalGeneration
+
+    config = UMT5Config(vocab_size=tiny.VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match=r"bild serves the encoder-decoder families .* not umt5"):
+        make_scheduler(UMT5ForConditionalGeneration(config).eval(), None, {EOS})
+
+
+def test_loading_a_pair_of_mixed_kinds_is_refused_with_a_message(tmp_path):
+    tokenizer = tiny.build_tokenizer()
+    t5 = tiny.save(tiny.build_t5(seed=1), tokenizer, tmp_path / "t5")
+    llama = tiny.save(tiny.build_llama(seed=1), tokenizer, tmp_path / "llama")
+    with pytest.raises(ValueError, match="a pair must be of one kind"):
+        load_pair(t5, llama)
