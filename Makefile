@@ -5,7 +5,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test lint format proto bench bench-engine soak align load clean
+.PHONY: setup serve test lint format proto bench bench-engine bench-seq2seq soak align load clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ bench: setup
 # Just the engine: tokens/s of modes large, exact and bild at batch 1 and 8.
 bench-engine: setup
 	$(PY) bench/engine_speed.py $(ARGS)
+
+# An encoder-decoder pair of flan-t5-base and -small shapes (random weights): the engine against
+# transformers' generate (bench/results/seq2seq_speed.md).
+bench-seq2seq: setup
+	$(PY) bench/seq2seq_speed.py $(ARGS) | tee bench/results/seq2seq_speed.md
 
 # 5,000 requests at 32 streams, every mode, sampling, stops, logprobs and cancels, through a server
 # it starts: no errors, memory flat after warm-up, every KV slot free at the end (about 40 minutes).

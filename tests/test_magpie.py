@@ -155,9 +155,9 @@ SMALL = MagpieSettings(batch_size=8, shard_attempts=8)
 
 
 def test_prompts_are_written_filtered_cached_and_kept_apart(talkative_large: Path, tmp_path: Path, monkeypatch) -> None:
-    from scheduler.loading import load_causal_lm
+    from scheduler.loading import load_model
 
-    large, tokenizer = load_causal_lm(str(talkative_large))
+    large, tokenizer = load_model(str(talkative_large))
     spec, work = str(talkative_large), tmp_path / "work"
 
     def sets(**kwargs) -> tuple[list[Prompt], list[Prompt]]:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from scheduler.loading import SMOLLM2_ALIAS, load_causal_lm
+from scheduler.loading import SMOLLM2_ALIAS, load_model
 from scheduler.request import Mode
 from tests.engine_util import greedy_reference, make_scheduler, params, run
 
@@ -26,7 +26,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_causal_lm(SMOLLM2_ALIAS)
+    return load_model(SMOLLM2_ALIAS)
 
 
 @pytest.fixture(scope="module")
