@@ -128,10 +128,9 @@ def build_t5(seed: int, gated: bool = False, d_model: int = 64, layers: int = 2)
     return T5ForConditionalGeneration(config).eval()
 
 
-def build_marian(seed: int, d_model: int = 64, layers: int = 2) -> MarianMTModel:
-    """A Marian translation model (sinusoidal positions, final logits bias) over the tiny tokenizer."""
-    torch.manual_seed(seed)
-    config = MarianConfig(
+def _bart_family_shape(d_model: int, layers: int) -> dict:
+    """The sizes Marian's and BART's configs share (the same config fields)."""
+    return dict(
         vocab_size=VOCAB,
         d_model=d_model,
         encoder_layers=layers,
@@ -141,6 +140,14 @@ def build_marian(seed: int, d_model: int = 64, layers: int = 2) -> MarianMTModel
         encoder_ffn_dim=2 * d_model,
         decoder_ffn_dim=2 * d_model,
         max_position_embeddings=512,
+    )
+
+
+def build_marian(seed: int, d_model: int = 64, layers: int = 2) -> MarianMTModel:
+    """A Marian translation model (sinusoidal positions, final logits bias) over the tiny tokenizer."""
+    torch.manual_seed(seed)
+    config = MarianConfig(
+        **_bart_family_shape(d_model, layers),
         init_std=0.1,  # with unscaled, untied embeddings: the widest spread of answers among the inits tried
         scale_embedding=False,
         tie_word_embeddings=False,
@@ -156,15 +163,7 @@ def build_bart(seed: int, d_model: int = 64, layers: int = 2) -> BartForConditio
     """A BART (learned position table two rows in, embedding layer norm) over the tiny tokenizer."""
     torch.manual_seed(seed)
     config = BartConfig(
-        vocab_size=VOCAB,
-        d_model=d_model,
-        encoder_layers=layers,
-        decoder_layers=layers,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=2 * d_model,
-        decoder_ffn_dim=2 * d_model,
-        max_position_embeddings=512,
+        **_bart_family_shape(d_model, layers),
         init_std=0.15,
         tie_word_embeddings=False,
         pad_token_id=0,
