@@ -51,6 +51,12 @@ def training_run(work_dir: Path, signature: dict) -> tuple[str, Path]:
     return key, ckpt
 
 
+def spent_seconds(data_dir: Path) -> float:
+    """Generation time already spent on one data set (0 when none was written)."""
+    f = data_dir / "spent.json"
+    return json.loads(f.read_text())["seconds"] if f.is_file() else 0.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bild-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--magpie",
         type=int,
         default=0,
-        help="training prompts the large model writes itself, continued (like the template prompts, after them "
-        "and within --gen-minutes; writing them is not counted there) and trained on beside them (0: none)",
+        help="training prompts the large model writes itself, continued (before the template prompts, within "
+        "--gen-minutes; writing them is not counted there) and trained on beside them (0: none)",
     )
     m.add_argument(
         "--magpie-eval",
@@ -231,22 +237,24 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     train_prompts, _ = split_prompts(args.seed)
     train_prompts = train_prompts[: args.num_prompts] if args.num_prompts else train_prompts
     prompt_sets = [("train", train_prompts)]
-    if magpie_train:  # a split of its own, under its contents: its caches never meet the template prompts'
-        prompt_sets.append((f"train-magpie{len(magpie_train)}-{digest(magpie_train)}", magpie_train))
+    if magpie_train:
+        # A split of its own, under its contents: its caches never meet the template prompts'. It
+        # goes first: it is what people ask, so a tight budget should not be spent before it.
+        prompt_sets.insert(0, (f"train-magpie{len(magpie_train)}-{digest(magpie_train)}", magpie_train))
     budget = args.gen_minutes * 60 if args.gen_minutes is not None else None
     sources: list[tuple[str, int]] = []  # (data key, complete shards) that training reads
     records: list[dict] = []
     kinds = ([] if args.no_greedy else [replace(gen, sampled=False)]) + [
         replace(gen, sampled=True, seed=args.seed + 1 + i) for i in range(args.sampled)
     ]
+    # One budget over this run's own data sets (a resumed run counts what it already spent); data
+    # cached for other prompt sets is not charged to it, or a run with more Magpie prompts than an
+    # earlier one would find its budget gone before writing any.
+    keys = [kind.key(args.large, split) for kind in kinds for split, _ in prompt_sets]
     for kind in kinds:
         for split, prompts in prompt_sets:
             key = kind.key(args.large, split)
-            spent_before = sum(
-                json.loads(f.read_text())["seconds"]
-                for f in (work / "data").glob("train-*/spent.json")
-                if f.parent.name != key and "-onpolicy-" not in f.parent.name
-            )  # one budget over the large model's data
+            spent_before = sum(spent_seconds(work / "data" / k) for k in keys if k != key)
             left = None if budget is None else max(budget - spent_before, 0.0)
             n = generate_shards(
                 large, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}"

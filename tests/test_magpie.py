@@ -236,7 +236,8 @@ def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, t
         line["messages"][-1]["content"] + "<|im_end|>\n<|im_start|>assistant\n" for line in lines
     )
     (signature,) = [json.loads(f.read_text()) for f in (work / "train").glob("*/signature.json")]
-    assert [key.split("-")[1] for key, _ in signature["data"]] == ["greedy", "magpie8"]
+    # Magpie's first: what people ask is written before a tight budget runs out on the templates.
+    assert [key.split("-")[1] for key, _ in signature["data"]] == ["magpie8", "greedy"]
     assert result["train_continuations"] == 16 + 8  # --smoke's 16 template prompts, greedy only
     # The figures: held-out template prompts, the Magpie evaluation set and the chat prompts, per family.
     figures = result["heldout"]
@@ -249,3 +250,11 @@ def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, t
     data = {f: f.stat().st_mtime_ns for f in (work / "data").glob("*/shard_*.pt")}
     assert run(build_parser().parse_args(argv))["step"] == 10
     assert {f: f.stat().st_mtime_ns for f in (work / "data").glob("*/shard_*.pt")} == data
+
+    # --gen-minutes is this run's budget: generation spent on other prompt sets (an earlier run's
+    # Magpie prompts here, however long it took) is not charged to it.
+    other = work / "data" / "train-magpie999-0000-greedy-000000000000"
+    other.mkdir()
+    (other / "spent.json").write_text(json.dumps({"seconds": 1e6}))
+    more = run(build_parser().parse_args([*argv, "--magpie", "12", "--gen-minutes", "5"]))
+    assert more["magpie_train_prompts"] == 12 and more["train_continuations"] == 16 + 12
