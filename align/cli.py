@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from align.evaluate import CHAT_PROMPTS, agreement, cost, evaluation_sets, heldout_records
-from align.generate import GenSettings, generate_shards, load_shards
+from align.generate import GenSettings, generate_shards, load_shards, spent_seconds
 from align.magpie import EVAL_POOL, MagpieSettings, magpie_sets, write_prompts
 from align.model import SmallArch, create_small, save_small
 from align.prompts import digest, split_prompts
@@ -49,12 +49,6 @@ def training_run(work_dir: Path, signature: dict) -> tuple[str, Path]:
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     (ckpt.parent / "signature.json").write_text(json.dumps(signature, indent=1))
     return key, ckpt
-
-
-def spent_seconds(data_dir: Path) -> float:
-    """Generation time already spent on one data set (0 when none was written)."""
-    f = data_dir / "spent.json"
-    return json.loads(f.read_text())["seconds"] if f.is_file() else 0.0
 
 
 def build_parser() -> argparse.ArgumentParser:

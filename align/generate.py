@@ -149,6 +149,12 @@ def shard_path(data_dir: Path, index: int) -> Path:
     return data_dir / f"shard_{index:05d}.pt"
 
 
+def spent_seconds(data_dir: Path) -> float:
+    """Generation time already spent on one data set over all runs (0 when none was written)."""
+    f = data_dir / "spent.json"
+    return json.loads(f.read_text())["seconds"] if f.is_file() else 0.0
+
+
 def generate_shards(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -166,7 +172,7 @@ def generate_shards(
     Returns the number of complete shards (a prefix of the prompt list)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     spent_file = data_dir / "spent.json"
-    spent = json.loads(spent_file.read_text())["seconds"] if spent_file.is_file() else 0.0
+    spent = spent_seconds(data_dir)
     (data_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
     n_shards = (len(prompts) + settings.shard_prompts - 1) // settings.shard_prompts
     done = sum(shard_path(data_dir, i).is_file() for i in range(n_shards))
