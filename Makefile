@@ -5,7 +5,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: align-magpie setup serve test lint format proto bench bench-engine bench-seq2seq soak align load clean
+.PHONY: setup serve test lint format proto bench bench-engine bench-seq2seq soak align align-magpie load clean
 
 setup: $(VENV)/.installed
 

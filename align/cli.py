@@ -244,17 +244,15 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     # One budget over this run's own data sets (a resumed run counts what it already spent); data
     # cached for other prompt sets is not charged to it, or a run with more Magpie prompts than an
     # earlier one would find its budget gone before writing any.
-    keys = [kind.key(args.large, split) for kind in kinds for split, _ in prompt_sets]
-    for kind in kinds:
-        for split, prompts in prompt_sets:
-            key = kind.key(args.large, split)
-            spent_before = sum(spent_seconds(work / "data" / k) for k in keys if k != key)
-            left = None if budget is None else max(budget - spent_before, 0.0)
-            n = generate_shards(
-                large, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}"
-            )
-            sources.append((key, n))
-            records += load_shards(work / "data" / key, n)
+    jobs = [(kind, prompts, kind.key(args.large, split)) for kind in kinds for split, prompts in prompt_sets]
+    for kind, prompts, key in jobs:
+        spent_before = sum(spent_seconds(work / "data" / other) for _, _, other in jobs if other != key)
+        left = None if budget is None else max(budget - spent_before, 0.0)
+        n = generate_shards(
+            large, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}"
+        )
+        sources.append((key, n))
+        records += load_shards(work / "data" / key, n)
     n_tokens = sum(r["cont_ids"].numel() for r in records)
     log.info("training data: %d continuations, %d tokens", len(records), n_tokens)
 
