@@ -90,16 +90,16 @@ async def create_server(
     host: str,
     port: int,
     service_config: ServiceConfig,
-    metrics_port: int | None = None,
+    metrics_address: tuple[str, int] | None = None,
     security: SecurityConfig = SecurityConfig(),
     http_port: int | None = None,
 ) -> ServerHandle:
     interceptors = [ApiKeyInterceptor(security.api_keys)] if security.api_keys else []
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     metrics = None
-    if metrics_port is not None:
+    if metrics_address is not None:
         metrics = Metrics(lambda: service.engine)
-        metrics.serve(host, metrics_port)
+        metrics.serve(*metrics_address)
     service = GeneratorService(service_config, metrics)
     add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -130,7 +130,7 @@ async def serve(
     engine_config: EngineConfig,
     load_pair: Callable[[], ModelPair],
     grace: float,
-    metrics_port: int | None = None,
+    metrics_address: tuple[str, int] | None = None,
     drain_delay: float = 0.0,
     security: SecurityConfig = SecurityConfig(),
     http_port: int | None = None,
@@ -140,7 +140,7 @@ async def serve(
     If the engine process dies, health turns NOT_SERVING, its streams have already ended with an
     error, and the exit code is 1, so that a supervisor restarts the server.
     """
-    handle = await create_server(host, port, service_config, metrics_port, security, http_port)
+    handle = await create_server(host, port, service_config, metrics_address, security, http_port)
     log.info(
         "listening on %s:%d%s%s; loading models",
         host,

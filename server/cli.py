@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sec.add_argument("--insecure", action="store_true", help="serve a non-loopback address without TLS or keys")
     net.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port (default: off)")
     net.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of --metrics-port, which has neither TLS nor keys: loopback unless named, whatever --host is "
+        "(e.g. 0.0.0.0 for a Prometheus elsewhere; default: %(default)s)",
+    )
+    net.add_argument(
         "--http-port",
         type=int,
         help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), "
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                 engine_config,
                 load,
                 args.grace,
-                args.metrics_port,
+                (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None,
                 args.drain_delay,
                 security,
                 args.http_port,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -224,3 +225,30 @@ def test_cors_origins_are_checked(origin, ok):
     else:
         with pytest.raises(ValueError, match="scheme and host"):
             config.check("127.0.0.1")
+
+
+def listening_address(port: int) -> str:
+    """The IPv4 address a local TCP socket listens on at `port`, from the kernel's own table."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            return ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads Linux's socket table")
+@pytest.mark.parametrize("extra, bound", [([], "127.0.0.1"), (["--metrics-host", "0.0.0.0"], "0.0.0.0")])
+def test_metrics_stay_on_loopback_unless_an_address_is_named(tiny_dirs, extra, bound):
+    # The metrics port has neither TLS nor keys, so a public --host does not make it public.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    server = start_server(
+        "--host", "0.0.0.0", "--insecure", "--large", tiny_dirs["large"], "--small", tiny_dirs["draft"],
+        "--metrics-port", str(metrics_port), "--drain-delay", "0", *extra,
+    )  # fmt: skip
+    try:
+        assert listening_address(metrics_port) == bound
+    finally:
+        server.stop()
