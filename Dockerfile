@@ -25,6 +25,6 @@ RUN python -c "from scheduler.loading import load_causal_lm; load_causal_lm('smo
 
 EXPOSE 50051 9090
 # A non-loopback address needs TLS or an API key; --insecure is for a private network (a pod).
-CMD ["bild-server", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--insecure"]
+CMD ["bild-server", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090", "--metrics-host", "0.0.0.0", "--insecure"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
   CMD python -c "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=4).status; sys.exit(s != h.HealthCheckResponse.SERVING)"
