@@ -117,7 +117,8 @@ def main() -> None:
     torch.set_num_threads(1)  # leaves a core to anything else running; the answer does not depend on it
     sets = records(args.work_dir)
     lines = [
-        f"`python bench/draft_sim.py --small {' '.join(map(shown, args.small))}`",
+        f"`python bench/draft_sim.py --small {' '.join(map(shown, args.small))} "
+        f"--thresholds {' '.join(map(str, args.thresholds))}`",
         "",
         "Exact mode at batch 1, simulated; fallback threshold per column (speed-up / draft share), "
         f"the default {DEFAULT_FALLBACK_THRESHOLD} in bold.",
