@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from draft_families import records  # bench/draft_families.py, beside this script
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from align.train import collate, make_examples
 from scheduler import output_vocab
@@ -55,11 +55,15 @@ class Outcome:
     large_per_token: float
 
 
-@torch.inference_mode()
-def tracks(small_dir: str, recs: list[dict]) -> list[Track]:
+def load_draft(small_dir: str) -> tuple[PreTrainedModel, torch.Tensor]:
+    """The draft, and the token ids it scores in bild's runner (its output vocabulary, else all)."""
     small = AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.float32).eval()
     vocab = output_vocab.load(Path(small_dir))
-    ids = torch.tensor(vocab) if vocab else torch.arange(small.config.vocab_size)
+    return small, torch.tensor(vocab) if vocab else torch.arange(small.config.vocab_size)
+
+
+@torch.inference_mode()
+def tracks(small: PreTrainedModel, ids: torch.Tensor, recs: list[dict]) -> list[Track]:
     head = small.get_output_embeddings().weight[ids]
     examples = make_examples(recs)
     kept = [r for r in recs if r["cont_ids"].numel()]  # make_examples skips empty continuations
@@ -130,8 +134,9 @@ def main() -> None:
     ]
     for small in args.small:
         ratio = args.cost_ratio if args.cost_ratio is not None else cost_ratio(small)
+        model, ids = load_draft(small)
         for set_name, recs in sets.items():
-            every = tracks(small, recs)
+            every = tracks(model, ids, recs)
             families = defaultdict(list)
             for t in every:
                 families[t.family].append(t)
