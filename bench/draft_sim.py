@@ -12,9 +12,9 @@ plus its own token. Time counts a large forward as 1 and a draft step as the dra
 bild's runner (from its alignment.json, or --cost-ratio); a forward over a few more tokens costs a
 batch-1 large model next to nothing on CPU, and the plan's early checks are not modelled.
 
-The speed-up it predicts matched the gRPC server's at one stream within noise (chat prompts, the
-draft of 2026-11-30: 1.36x predicted, 1.37x measured), at a fraction of the time: use it to compare
-drafts and thresholds, and the server benchmark (bench/serving.py) for the figure users get.
+For the chat prompts and the draft of 2026-11-30 it predicted 1.36x; the gRPC server at one stream
+measured 1.37x one day and 1.26x the next on this noisy machine. It takes minutes, not hours: use it
+to rank drafts and thresholds, and the server benchmark (bench/serving.py) for the figure users get.
 """
 
 from __future__ import annotations
