@@ -31,7 +31,7 @@ import torch
 from draft_families import records  # bench/draft_families.py, beside this script
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from align.train import collate, make_examples
+from align.train import collate, make_examples, position_logits
 from scheduler import output_vocab
 from scheduler.loading import shown
 from scheduler.request import DEFAULT_FALLBACK_THRESHOLD, DEFAULT_MAX_SMALL_TOKENS
@@ -64,14 +64,15 @@ def load_draft(small_dir: str) -> tuple[PreTrainedModel, torch.Tensor]:
 
 @torch.inference_mode()
 def tracks(small: PreTrainedModel, ids: torch.Tensor, recs: list[dict]) -> list[Track]:
-    head = small.get_output_embeddings().weight[ids]
     examples = make_examples(recs)
     kept = [r for r in recs if r["cont_ids"].numel()]  # make_examples skips empty continuations
     out = []
     for start in range(0, len(examples), 16):
         batch = collate(examples[start : start + 16], 0)
-        hidden = small.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        prob, best = torch.softmax(hidden[batch["rows"], batch["cols"]] @ head.T, -1).max(-1)
+        logits = position_logits(
+            small, batch["input_ids"], batch["attention_mask"], batch["rows"], batch["cols"], vocab=ids
+        )
+        prob, best = torch.softmax(logits, -1).max(-1)
         agrees = ids[best] == batch["targets"]
         for row, rec in enumerate(kept[start : start + 16]):
             sel = batch["rows"] == row
