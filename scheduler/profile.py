@@ -5,16 +5,21 @@ spread over as many sequences as the batch holds, over a cached prefix. A count 
 slower than a larger count's runs as the larger one (`CausalLMRunner.run_as`). Results are
 kept under the bild cache, keyed by everything that changes them (the models' shapes, dtype,
 device, threads, CPU, torch), so a restart does not measure again. The plan corrects for drift
-online (`CostModel.observed`).
+online (`CostModel.observed`), but only by one factor per model: it cannot mend a table whose
+counts were slowed unevenly. So each count keeps its fastest of several passes over all counts (a
+burst of other work slows one pass of a count, not all), and a profile measured while other
+processes kept this one's threads waiting for a core (two replicas starting at once, a build) is
+used for that run only, never cached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -29,7 +34,8 @@ log = logging.getLogger(__name__)
 
 VERSION = 1  # of the runner's arithmetic: change it when forwards' costs change, so caches are remeasured
 PREFIX = 64  # cached tokens under each measured forward
-REPEATS = 2
+REPEATS = 3  # passes over every count; a count costs its fastest pass
+BUSY = 0.2  # share of the measuring threads' time spent waiting for a core beyond which nothing is cached
 MAX_WIDTH = 8  # tokens per sequence measured at most; the plan extrapolates beyond
 
 
@@ -49,20 +55,43 @@ def _table(runner: CausalLMRunner, counts: list[int], max_rows: int) -> CostTabl
         if hasattr(runner, "encode"):  # an encoder-decoder: its decoder attends over a source as well
             runner.encode(slot, [1] * prefix)
         runner.next_token_logits([ForwardItem(slot, 0, [1] * prefix)])
-    seconds = []
+    shapes = []
     for n in counts:
         rows = min(n, max_rows)  # the tokens spread as evenly as the sequences allow
-        items = [ForwardItem(slot, prefix, [1] * (n // rows + (slot < n % rows))) for slot in range(rows)]
+        shapes.append([ForwardItem(slot, prefix, [1] * (n // rows + (slot < n % rows))) for slot in range(rows)])
+    for items in shapes:
         runner.token_logits(items)  # warm-up: the first forward of a shape is slower
-        times = []
-        for _ in range(REPEATS):
+    seconds = [math.inf] * len(shapes)
+    for _ in range(REPEATS):
+        for i, items in enumerate(shapes):
             started = time.perf_counter()
             runner.token_logits(items)
             if runner.device.type == "cuda":
                 torch.cuda.synchronize(runner.device)
-            times.append(time.perf_counter() - started)
-        seconds.append(statistics.median(times))
+            seconds[i] = min(seconds[i], time.perf_counter() - started)
     return CostTable(counts, seconds)
+
+
+def _scheduling() -> tuple[float, float] | None:
+    """Seconds this process's threads have run on a core and waited for one (Linux schedstat), or None."""
+    ran = waited = 0.0
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                fields = (task / "schedstat").read_text().split()
+                ran, waited = ran + int(fields[0]) / 1e9, waited + int(fields[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+    return ran, waited
+
+
+def waiting_share(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """Of the time this process's threads wanted a core between two `_scheduling` readings, the share
+    they waited for one: near 0 on a machine left to bild, large when other processes take the cores."""
+    if before is None or after is None:
+        return None
+    ran, waited = after[0] - before[0], after[1] - before[1]
+    return waited / (ran + waited) if ran + waited > 0 else None
 
 
 def _key(runners: tuple[CausalLMRunner, CausalLMRunner], counts: list[int], max_rows: int) -> str:
@@ -114,8 +143,17 @@ def cost_model(small: CausalLMRunner, large: CausalLMRunner, max_rows: int) -> C
             return load(path)
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable cost profile %s", path)
-    started = time.perf_counter()
+    started, scheduled = time.perf_counter(), _scheduling()
     model = CostModel(_table(large, counts, max_rows), _table(small, counts, max_rows))
+    waited = waiting_share(scheduled, _scheduling())
+    if waited is not None and waited > BUSY:
+        log.warning(
+            "measured the models' forward costs while other processes held the cores (bild's threads waited "
+            "%.0f%% of the time): planning with them for this run, not keeping them; start on an idle "
+            "machine, or give --cost-profile",
+            100 * waited,
+        )
+        return model
     log.info("measured the models' forward costs in %.1fs (kept in %s)", time.perf_counter() - started, path)
     try:
         save(model, path)
