@@ -150,14 +150,16 @@ def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
     raise SystemExit("bild-server did not become SERVING")
 
 
-def engine_rows(prompts: list, n: int, max_new: int, rounds: int) -> list[str]:
-    """The engine alone, stepped on this process's main thread, batch 1, the same prompts."""
+def engine_rows(prompts: list, n: int, max_new: int, rounds: int, server_args: list[str]) -> list[str]:
+    """The engine alone, stepped on this process's main thread, batch 1, the same prompts, with the
+    server's models, device and dtype (read from its own flags)."""
     import engine_speed
 
-    from scheduler.loading import DEFAULT_SMALL_DIR, SMOLLM2_ALIAS
     from scheduler.pair import load_pair
+    from server.cli import parse_args
 
-    pair = load_pair(SMOLLM2_ALIAS, str(DEFAULT_SMALL_DIR))
+    flags = parse_args(server_args)
+    pair = load_pair(flags.large, None if flags.no_small else flags.small, flags.device, flags.dtype)
     tok = pair.tokenizer
     ids = [
         tok.encode(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
@@ -259,7 +261,7 @@ def main() -> None:
             f"{args.engine_prompts} of the same prompts, {args.rounds} rounds:",
             "",
         ]
-        table = engine_rows(rows, args.engine_prompts, args.max_new_tokens, args.rounds)
+        table = engine_rows(rows, args.engine_prompts, args.max_new_tokens, args.rounds, args.server_args.split())
         lines += table
         print("\n".join(table), flush=True)
     if args.out:

@@ -9,6 +9,7 @@ import os
 
 import uvloop
 
+from scheduler import precision
 from scheduler.engine import EngineConfig, EngineFailed
 from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, SMOLLM2_ALIAS, shown
 from scheduler.pair import load_pair
@@ -19,6 +20,7 @@ from server.service import ServiceConfig
 
 # The flags' defaults are the configs' own, so the engine, the service and the CLI cannot disagree.
 ENGINE, SERVICE = EngineConfig(), ServiceConfig()
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         default="float32",
         choices=sorted(DTYPES),
-        help="(default: %(default)s; bfloat16 is slow for verification on CPUs without AVX-512)",
+        help="(default: %(default)s; bfloat16 is faster on CPUs with AVX512-BF16 or AMX and slow on others, "
+        "and makes mode exact equal to mode large only up to rounding)",
     )
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         dtype=args.dtype,
     )
 
+    note = precision.advice(args.device, args.dtype)
+    if note:
+        log.log(logging.INFO if args.dtype == precision.EXACT_IN else logging.WARNING, "%s", note)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = functools.partial(load_pair, args.large, small, args.device, args.dtype)  # runs in the engine process
     try:
