@@ -76,12 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to evaluate on")
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.add_argument("--topk", type=int, default=16, help="large-model log-probs kept per position")
-    d.add_argument("--gen-batch-size", type=int, default=32)
-    d.add_argument("--shard-prompts", type=int, default=128)
+    d.add_argument(
+        "--gen-batch-size",
+        type=int,
+        default=32,
+        help="sequences the large model writes at once, prompts and continuations (bfloat16: 128 pays)",
+    )
+    d.add_argument("--shard-prompts", type=int, default=128, help="prompts (or Magpie attempts) per shard file")
     d.add_argument("--no-greedy", action="store_true", help="skip greedy continuations")
     d.add_argument("--sampled", type=int, default=0, help="sampled continuations per prompt (after the greedy ones)")
     d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--gen-minutes", type=float, default=None, help="budget for generating training data")
+    d.add_argument(
+        "--gen-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="type the large model writes training data in (Magpie prompts, continuations, on-policy labels); "
+        "bfloat16 writes 2.2-2.4x faster on CPUs that compute it natively (AVX512-BF16, AMX), with greedy "
+        "choices equal to float32's at about 98%% of positions; evaluation data is always float32",
+    )
     m = p.add_argument_group("prompts the large model writes (Magpie) and other evaluation sets")
     m.add_argument(
         "--magpie",
@@ -187,7 +200,7 @@ def apply_smoke(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
-    from scheduler.loading import DEFAULT_SMALL_DIR, load_model
+    from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, load_model
 
     if args.smoke:
         apply_smoke(args)
@@ -200,13 +213,24 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     large, tokenizer = load_model(args.large)
     if large.config.is_encoder_decoder:
         raise SystemExit(f"bild-align aligns drafts of decoder-only models; {args.large} is an encoder-decoder")
-    magpie = (
-        MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts)
-        if args.smoke
-        else MagpieSettings()
-    )
+    # Training data may come from a faster copy; what the draft is measured against stays the float32
+    # model bild serves by default. The copy is made before any runner rearranges the model's layers.
+    writer, writer_spec = large, args.large
+    if args.gen_dtype != "float32":
+        writer, writer_spec = copy.deepcopy(large).to(DTYPES[args.gen_dtype]), f"{args.large}@{args.gen_dtype}"
+    # The same defaults as MagpieSettings' own, so caches written before these flags applied stay valid.
+    magpie = MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts)
     magpie_train, magpie_eval = magpie_sets(
-        large, tokenizer, args.large, work, args.magpie, args.magpie_eval, args.seed, args.magpie_pool, magpie
+        large,
+        tokenizer,
+        args.large,
+        work,
+        args.magpie,
+        args.magpie_eval,
+        args.seed,
+        args.magpie_pool,
+        magpie,
+        writer=(writer, writer_spec),
     )
     written = {}  # for people to read: the pipeline itself keeps them in memory
     for name, prompts in (("train", magpie_train), ("eval", magpie_eval)):
@@ -244,12 +268,12 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     # One budget over this run's own data sets (a resumed run counts what it already spent); data
     # cached for other prompt sets is not charged to it, or a run with more Magpie prompts than an
     # earlier one would find its budget gone before writing any.
-    jobs = [(kind, prompts, kind.key(args.large, split)) for kind in kinds for split, prompts in prompt_sets]
+    jobs = [(kind, prompts, kind.key(writer_spec, split)) for kind in kinds for split, prompts in prompt_sets]
     for kind, prompts, key in jobs:
         spent_before = sum(spent_seconds(work / "data" / other) for _, _, other in jobs if other != key)
         left = None if budget is None else max(budget - spent_before, 0.0)
         n = generate_shards(
-            large, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}"
+            writer, tokenizer, prompts, work / "data" / key, kind, budget_s=left, desc=f"data {key[:-13]}"
         )
         sources.append((key, n))
         records += load_shards(work / "data" / key, n)
@@ -357,21 +381,21 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     if args.onpolicy_minutes > 0:
         # The model just trained writes (greedily, scoring only its output vocabulary: what bild's
         # runner would draft); its identity is the run that made it, so a resumed run finds the data.
-        writer = copy.deepcopy(small).eval()
-        output_vocab.install(writer, vocab_ids)
+        drafter = copy.deepcopy(small).eval()
+        output_vocab.install(drafter, vocab_ids)
         kind = replace(gen, writer=run_key)
-        key = kind.key(args.large, "train")
+        key = kind.key(writer_spec, "train")
         n = generate_shards(
-            writer,
+            drafter,
             tokenizer,
             train_prompts,
             work / "data" / key,
             kind,
             budget_s=args.onpolicy_minutes * 60,
             desc=f"on-policy {key[:14]}",
-            labeller=large,
+            labeller=writer,
         )
-        del writer
+        del drafter
         onpolicy = load_shards(work / "data" / key, n)
         records += onpolicy
         vocab_ids = predicted_vocab(records, specials)

@@ -222,3 +222,50 @@ def test_softmax_columns_keep_every_target_and_top_k_token_of_the_batch(batch_vo
         assert step_columns.numel() == vocab.numel() + 5
     again = {"targets": targets.clone(), "topk_ids": topk.clone()}
     assert torch.equal(columns.for_step(again, step=7), step_columns), "a resumed run draws the same columns"
+
+
+def test_bfloat16_writes_training_data_of_its_own_beside_float32_evaluation_data(
+    tiny_large: Path, tmp_path: Path
+) -> None:
+    work, out = tmp_path / "work", tmp_path / "out"
+
+    def args(dtype: str):
+        return build_parser().parse_args(
+            f"--smoke --large {tiny_large} --work-dir {work} --out {out} --train-steps 2 --no-cost "
+            f"--gen-dtype {dtype}".split()
+        )
+
+    def data_dirs() -> dict[str, set[str]]:
+        names = {d.name for d in (work / "data").iterdir()}
+        return {
+            "train": {n for n in names if n.startswith("train-")},
+            "eval": {n for n in names if not n.startswith("train-")},
+        }
+
+    run(args("bfloat16"))
+    fast = data_dirs()
+    assert fast["train"] and fast["eval"]
+    run(args("float32"))
+    both = data_dirs()
+    # The evaluation data is the float32 model's whatever writes the training data: not written again.
+    assert both["eval"] == fast["eval"]
+    # Training data is keyed by the type it was written in: float32 data is new, bfloat16's stays.
+    assert fast["train"] < both["train"] and len(both["train"]) == 2 * len(fast["train"])
+
+    def first_records(name: str) -> list[dict]:
+        return torch.load(sorted((work / "data" / name).glob("shard_*.pt"))[0], weights_only=True)
+
+    (bf16,) = fast["train"]
+    (fp32,) = both["train"] - fast["train"]
+    a, b = first_records(bf16), first_records(fp32)
+    assert [r["prompt_ids"].tolist() for r in a] == [r["prompt_ids"].tolist() for r in b]
+    assert any(not torch.equal(x["topk_logp"], y["topk_logp"]) for x, y in zip(a, b)), (
+        "the bfloat16 data came from a float32 model"
+    )
+
+
+def test_default_flags_keep_the_keys_of_magpie_prompts_already_written() -> None:
+    from align.magpie import MagpieSettings
+
+    args = build_parser().parse_args([])
+    assert MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts) == MagpieSettings()
