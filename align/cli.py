@@ -218,8 +218,11 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     writer, writer_spec = large, args.large
     if args.gen_dtype != "float32":
         writer, writer_spec = copy.deepcopy(large).to(DTYPES[args.gen_dtype]), f"{args.large}@{args.gen_dtype}"
-    # The same defaults as MagpieSettings' own, so caches written before these flags applied stay valid.
-    magpie = MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts)
+    # Training prompts follow the data flags (with their defaults, MagpieSettings' own: caches written
+    # before they applied stay valid); the evaluation pool keeps MagpieSettings', so that figures stay
+    # comparable whatever writes the training data. --smoke shrinks both.
+    writing = MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts)
+    pool_writing = writing if args.smoke else MagpieSettings()
     magpie_train, magpie_eval = magpie_sets(
         large,
         tokenizer,
@@ -229,8 +232,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         args.magpie_eval,
         args.seed,
         args.magpie_pool,
-        magpie,
-        writer=(writer, writer_spec),
+        pool_writing,
+        writer=(writer, writer_spec, writing),
     )
     written = {}  # for people to read: the pipeline itself keeps them in memory
     for name, prompts in (("train", magpie_train), ("eval", magpie_eval)):

@@ -355,20 +355,21 @@ def magpie_sets(
     seed: int = 0,
     pool: int = EVAL_POOL,
     settings: MagpieSettings = MagpieSettings(),
-    writer: tuple[PreTrainedModel, str] | None = None,
+    writer: tuple[PreTrainedModel, str, MagpieSettings] | None = None,
 ) -> tuple[list[Prompt], list[Prompt]]:
     """(training, evaluation) prompts: the first n_eval of the evaluation pool (its own seed, EVAL_SEED),
-    and n_train training prompts (`seed`) that repeat none of the whole pool. `writer`: another copy of
-    the model (and its spec, for the cache key) that writes the training prompts, as in a faster dtype."""
+    and n_train training prompts (`seed`) that repeat none of the whole pool. `writer`: who writes the
+    training prompts, when not `model` with `settings`: a model (a faster copy), its spec for the cache
+    key, and its settings (a larger batch); the evaluation pool stays the same whatever writes them."""
     if n_eval > pool:
         raise ValueError(f"at most {pool} Magpie evaluation prompts (the pool set aside), not {n_eval}")
     held = replace(settings, seed=EVAL_SEED)
     if not n_train:  # the pool's first prompts do not depend on its size
         return [], magpie_prompts(model, tokenizer, large_spec, work_dir, held, n_eval) if n_eval else []
     evaluation = magpie_prompts(model, tokenizer, large_spec, work_dir, held, pool)
-    train_model, train_spec = writer or (model, large_spec)
+    train_model, train_spec, train_settings = writer or (model, large_spec, settings)
     training = magpie_prompts(
-        train_model, tokenizer, train_spec, work_dir, replace(settings, seed=seed), n_train, exclude=evaluation
+        train_model, tokenizer, train_spec, work_dir, replace(train_settings, seed=seed), n_train, exclude=evaluation
     )
     return training, evaluation[:n_eval]
 
