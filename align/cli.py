@@ -32,9 +32,9 @@ import torch
 
 from align.evaluate import CHAT_PROMPTS, agreement, cost, evaluation_sets, heldout_records
 from align.generate import GenSettings, generate_shards, load_shards, spent_seconds
-from align.magpie import EVAL_POOL, MagpieSettings, magpie_sets, write_prompts
+from align.magpie import EVAL_POOL, MagpieSettings, Seen, magpie_sets, write_prompts
 from align.model import SmallArch, create_small, save_small
-from align.prompts import digest, split_prompts
+from align.prompts import Prompt, digest, read_chat_prompts, split_prompts
 from align.train import TrainSettings, predicted_vocab, train
 from scheduler import output_vocab
 
@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="type the large model writes training data in (Magpie prompts, continuations, on-policy labels); "
         "bfloat16 writes 2.2-2.4x faster on CPUs that compute it natively (AVX512-BF16, AMX), with greedy "
         "choices equal to float32's at about 98%% of positions; evaluation data is always float32",
+    )
+    d.add_argument(
+        "--train-prompts",
+        default="",
+        help='more training prompts: JSON lines (.gz too) of {"messages": [...]} ending with a user turn, '
+        "such as your own traffic's; continued by the large model and trained on first, beside the others; "
+        "repeats of an evaluation prompt are dropped",
     )
     m = p.add_argument_group("prompts the large model writes (Magpie) and other evaluation sets")
     m.add_argument(
@@ -199,6 +206,26 @@ def apply_smoke(args: argparse.Namespace) -> None:
     args.eval_every = min(args.eval_every, 10)
 
 
+def chat_prompts(args: argparse.Namespace) -> list[Prompt]:
+    return read_chat_prompts(Path(args.chat_prompts)) if args.chat_prompts else []
+
+
+def prompts_from_file(path: Path, evaluation: list[Prompt]) -> list[Prompt]:
+    """The file's conversations, less repeats of one another and of an evaluation prompt: an
+    agreement measured on prompts the draft trained on would flatter it."""
+    seen, kept, dropped = Seen(evaluation), [], 0
+    for prompt in read_chat_prompts(path):
+        if seen.repeat(prompt):
+            dropped += 1
+            continue
+        seen.add(prompt)
+        kept.append(prompt)
+    log.info("training prompts from %s: %d kept, %d repeats dropped", path, len(kept), dropped)
+    if not kept:
+        raise SystemExit(f"bild-align: no training prompts left in {path}")
+    return kept
+
+
 def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, load_model
 
@@ -255,13 +282,17 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     held = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed, gen)
     evals = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts, gen)
 
-    train_prompts, _ = split_prompts(args.seed)
+    train_prompts, held_prompts = split_prompts(args.seed)
+    held_prompts = held_prompts[: args.eval_prompts]
     train_prompts = train_prompts[: args.num_prompts] if args.num_prompts else train_prompts
     prompt_sets = [("train", train_prompts)]
     if magpie_train:
         # A split of its own, under its contents: its caches never meet the template prompts'. It
         # goes first: it is what people ask, so a tight budget should not be spent before it.
         prompt_sets.insert(0, (f"train-magpie{len(magpie_train)}-{digest(magpie_train)}", magpie_train))
+    if args.train_prompts:
+        given = prompts_from_file(Path(args.train_prompts), [*held_prompts, *magpie_eval, *chat_prompts(args)])
+        prompt_sets.insert(0, (f"train-file{len(given)}-{digest(given)}", given))
     budget = args.gen_minutes * 60 if args.gen_minutes is not None else None
     sources: list[tuple[str, int]] = []  # (data key, complete shards) that training reads
     records: list[dict] = []

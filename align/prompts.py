@@ -9,6 +9,7 @@ depends on the order or on how many prompts a run uses.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib
 import json
@@ -506,19 +507,22 @@ def digest(prompts: list[Prompt]) -> str:
 
 
 def read_chat_prompts(path: Path) -> list[Prompt]:
-    """Conversations from JSON lines of {"messages": [...]}, each ending with a user turn, as
-    prompts whose family tells their shape: chat (one user turn), system or multiturn."""
+    """Conversations from JSON lines (gzipped if the name ends in .gz) of {"messages": [...]}, each
+    ending with a user turn, as prompts of the line's "family", or else one that tells their shape:
+    chat (one user turn), system or multiturn."""
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     prompts = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
-        *before, last = json.loads(line)["messages"]
+        record = json.loads(line)
+        *before, last = record["messages"]
         if last["role"] != "user":
             raise ValueError(f"{path}: a conversation must end with a user turn: {line[:80]}")
         context = tuple((m["role"], m["content"]) for m in before)
         roles = {role for role, _ in context}
-        family = "multiturn" if "assistant" in roles else "system" if "system" in roles else "chat"
-        prompts.append(Prompt(family, last["content"], context))
+        shape = "multiturn" if "assistant" in roles else "system" if "system" in roles else "chat"
+        prompts.append(Prompt(record.get("family", shape), last["content"], context))
     return prompts
 
 

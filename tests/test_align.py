@@ -269,3 +269,41 @@ def test_default_flags_keep_the_keys_of_magpie_prompts_already_written() -> None
 
     args = build_parser().parse_args([])
     assert MagpieSettings(batch_size=args.gen_batch_size, shard_attempts=args.shard_prompts) == MagpieSettings()
+
+
+def test_training_prompts_from_a_file_are_continued_and_trained_on_less_evaluation_repeats(
+    tiny_large: Path, tmp_path: Path
+) -> None:
+    import gzip
+
+    from align.evaluate import CHAT_PROMPTS
+
+    chat = [json.loads(line) for line in Path(CHAT_PROMPTS).read_text().splitlines() if line.strip()]
+    ours = [
+        {"messages": [{"role": "user", "content": "How do I reset my router without losing settings?"}]},
+        {
+            "family": "support",
+            "messages": [
+                {"role": "user", "content": "My order has not arrived."},
+                {"role": "assistant", "content": "I am sorry to hear that. What is the order number?"},
+                {"role": "user", "content": "It is 81723, placed last Monday."},
+            ],
+        },
+    ]
+    lines = [*ours, chat[0], ours[0]]  # an evaluation prompt, and a repeat: both dropped
+    path = tmp_path / "traffic.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(x) + "\n" for x in lines).encode()))
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = build_parser().parse_args(
+        f"--smoke --large {tiny_large} --work-dir {work} --out {out} --train-steps 2 --no-cost "
+        f"--train-prompts {path}".split()
+    )
+    result = run(args)
+    assert result["step"] == 2
+    (data,) = (work / "data").glob("train-file2-*")
+    records = [r for f in sorted(data.glob("shard_*.pt")) for r in torch.load(f, weights_only=True)]
+    tokenizer = load_tokenizer(SMOLLM2_ALIAS)
+    prompts = sorted(tokenizer.decode(r["prompt_ids"].tolist()) for r in records)
+    assert len(prompts) == 2 and all(r["cont_ids"].numel() > 0 for r in records)
+    assert "reset my router" in prompts[0] + prompts[1] and "81723" in prompts[0] + prompts[1]
+    assert "What is the order number?" in prompts[0] + prompts[1], "the earlier turns are part of the prompt"
