@@ -279,8 +279,12 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         temperature=args.temperature,
         seed=args.seed,
     )
-    held = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed, gen)
-    evals = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts, gen)
+    # Evaluation data, like the Magpie evaluation pool, keeps the default batch whatever the flags say
+    # (a batch changes float32 results in their last bits), so figures compare across data runs.
+    defaults = GenSettings()
+    scoring = gen if args.smoke else replace(gen, batch_size=defaults.batch_size, shard_prompts=defaults.shard_prompts)
+    held = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed, scoring)
+    evals = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts, scoring)
 
     train_prompts, held_prompts = split_prompts(args.seed)
     held_prompts = held_prompts[: args.eval_prompts]
