@@ -70,9 +70,11 @@ align: setup
 	$(VENV)/bin/bild-align --large smollm2-135m-instruct --out models/smollm2-135m-draft --work-dir align-work \
 		--gen-minutes 75 --sampled 1 --train-minutes 35 $(ARGS)
 
-# The shipped draft: `make align`'s draft, then this stage three times, on 3,000, 5,000 and 8,000 prompts
-# SmolLM2 wrote itself (Magpie; ARGS="--magpie 3000 --gen-minutes 95", then ARGS="--magpie 5000 --gen-minutes
-# 110", then these defaults), each beside the first 3,712 template prompts and each from the stage before.
+# The shipped draft: `make align`'s draft, then this stage four times, on 3,000, 5,000, 8,000 and 8,000 other
+# prompts SmolLM2 wrote itself (Magpie; ARGS="--magpie 3000 --gen-minutes 95", then ARGS="--magpie 5000
+# --gen-minutes 110", then these defaults, then ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --gen-minutes 60
+# --train-minutes 30", which needs a CPU with AVX512-BF16 or AMX to be fast: 1 h 50 min there), each beside the
+# first 3,712 template prompts and each from the stage before.
 # The 8,000 stage took 2 h 10 min on 2 cores with the 5,000 stage's data reused (45 minutes writing prompts,
 # 42 of continuations, 35 of training, the rest evaluation); it resumes too.
 align-magpie: setup
