@@ -174,7 +174,7 @@ def test_cancel_mid_stream_frees_the_slot(narrow_server):
 
 def test_deadline_ends_the_stream_and_frees_the_slot(narrow_server):
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        complete(narrow_server.target, "slow", max_new_tokens=250, mode="exact", fallback_threshold=1.0, timeout=0.3)
+        complete(narrow_server.target, "slow", max_new_tokens=250, mode="exact", fallback_threshold=1.0, timeout=0.1)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _, ids, _ = complete(narrow_server.target, "next", max_new_tokens=5, mode="large", timeout=60)
     assert ids
