@@ -39,6 +39,9 @@ from align.train import TrainSettings, predicted_vocab, train
 from scheduler import output_vocab
 
 log = logging.getLogger("bild.align")
+# Magpie training prompts are continued in blocks of this many, each cached under its contents: the
+# shipped drafts' stages grew by 8,000 prompts at a time.
+MAGPIE_BLOCK = 8000
 
 
 def training_run(work_dir: Path, signature: dict) -> tuple[str, Path]:
@@ -108,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="training prompts the large model writes itself, continued (before the template prompts, within "
-        "--gen-minutes; writing them is not counted there) and trained on beside them (0: none)",
+        "--gen-minutes; writing them is not counted there) and trained on beside them (0: none); continued in "
+        f"blocks of {MAGPIE_BLOCK:,}, each cached, so a later, larger --magpie continues only the new ones",
     )
     m.add_argument(
         "--magpie-eval",
@@ -290,10 +294,12 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     held_prompts = held_prompts[: args.eval_prompts]
     train_prompts = train_prompts[: args.num_prompts] if args.num_prompts else train_prompts
     prompt_sets = [("train", train_prompts)]
-    if magpie_train:
-        # A split of its own, under its contents: its caches never meet the template prompts'. It
-        # goes first: it is what people ask, so a tight budget should not be spent before it.
-        prompt_sets.insert(0, (f"train-magpie{len(magpie_train)}-{digest(magpie_train)}", magpie_train))
+    # Magpie prompts are splits of their own, under their contents: their caches never meet the template
+    # prompts'. They go first: they are what people ask, so a tight budget should not be spent before
+    # them. In blocks, so that a later stage with more of them (the first ones stay the same) continues
+    # only the new ones.
+    blocks = [magpie_train[i : i + MAGPIE_BLOCK] for i in range(0, len(magpie_train), MAGPIE_BLOCK)]
+    prompt_sets[:0] = [(f"train-magpie{len(block)}-{digest(block)}", block) for block in blocks]
     if args.train_prompts:
         given = prompts_from_file(Path(args.train_prompts), [*held_prompts, *magpie_eval, *chat_prompts(args)])
         prompt_sets.insert(0, (f"train-file{len(given)}-{digest(given)}", given))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from align import magpie
+from align import cli, magpie
 from align.cli import build_parser, run
 from align.generate import render
 from align.magpie import (
@@ -195,7 +195,7 @@ def test_prompts_are_written_filtered_cached_and_kept_apart(talkative_large: Pat
     assert magpie_prompts(large, tokenizer, spec, work, replace(SMALL, seed=EVAL_SEED), 10) == pool + same_seed
 
 
-def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, tmp_path: Path) -> None:
+def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, tmp_path: Path, monkeypatch) -> None:
     work, out = tmp_path / "work", tmp_path / "out"
     argv = [
         "--smoke",
@@ -258,3 +258,15 @@ def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, t
     (other / "spent.json").write_text(json.dumps({"seconds": 1e6}))
     more = run(build_parser().parse_args([*argv, "--magpie", "12", "--gen-minutes", "5"]))
     assert more["magpie_train_prompts"] == 12 and more["train_continuations"] == 16 + 12
+
+    # In blocks: a later stage with more prompts (the first 8 the same) continues only the new ones.
+    monkeypatch.setattr(cli, "MAGPIE_BLOCK", 8)
+    grown = run(build_parser().parse_args([*argv, "--magpie", "12"]))
+    assert grown["magpie_train_prompts"] == 12 and grown["train_continuations"] == 16 + 12
+    assert {f: f.stat().st_mtime_ns for f in magpie_dir.glob("shard_*.pt")} == {
+        f: t for f, t in data.items() if f.parent == magpie_dir
+    }, "the first block continued again"
+    (signature,) = [
+        s for f in (work / "train").glob("*/signature.json") if len((s := json.loads(f.read_text()))["data"]) == 3
+    ]
+    assert [key.split("-")[1] for key, _ in signature["data"]] == ["magpie8", "magpie4", "greedy"]
