@@ -70,11 +70,14 @@ align: setup
 	$(VENV)/bin/bild-align --large smollm2-135m-instruct --out models/smollm2-135m-draft --work-dir align-work \
 		--gen-minutes 75 --sampled 1 --train-minutes 35 $(ARGS)
 
-# The shipped draft: `make align`'s draft, then this stage four times, on 3,000, 5,000, 8,000 and 8,000 other
-# prompts SmolLM2 wrote itself (Magpie; ARGS="--magpie 3000 --gen-minutes 95", then ARGS="--magpie 5000
+# The shipped draft: `make align`'s draft, then this stage five times, on 3,000, 5,000, 8,000, 8,000 other and
+# 20,000 prompts SmolLM2 wrote itself (Magpie; ARGS="--magpie 3000 --gen-minutes 95", then ARGS="--magpie 5000
 # --gen-minutes 110", then these defaults, then ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --gen-minutes 60
-# --train-minutes 30", which needs a CPU with AVX512-BF16 or AMX to be fast: 1 h 50 min there), each beside the
-# first 3,712 template prompts and each from the stage before.
+# --train-minutes 30", then ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --magpie 20000 --gen-minutes 90
+# --train-minutes 40", which reuses the stage before's answers to its first 8,000), each beside the first 3,712
+# template prompts and each from the stage before. The last two need a CPU with AVX512-BF16 or AMX to be fast:
+# 1 h 50 min and 2 h 25 min there (the last: 49 minutes writing 11,700 new prompts, 34 of continuations, 40 of
+# training, the rest evaluation).
 # The 8,000 stage took 2 h 10 min on 2 cores with the 5,000 stage's data reused (45 minutes writing prompts,
 # 42 of continuations, 35 of training, the rest evaluation); it resumes too.
 align-magpie: setup
