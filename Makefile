@@ -76,7 +76,7 @@ align: setup
 # --train-minutes 30", then ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --magpie 20000 --gen-minutes 90
 # --train-minutes 40", which reuses the stage before's answers to its first 8,000), each beside the first 3,712
 # template prompts and each from the stage before. The last two need a CPU with AVX512-BF16 or AMX to be fast:
-# 1 h 50 min and 2 h 25 min there (the last: 49 minutes writing 11,700 new prompts, 34 of continuations, 40 of
+# 1 h 50 min and 2 h 10 min there (the last: 49 minutes writing 11,700 new prompts, 32 of continuations, 40 of
 # training, the rest evaluation).
 # The 8,000 stage took 2 h 10 min on 2 cores with the 5,000 stage's data reused (45 minutes writing prompts,
 # 42 of continuations, 35 of training, the rest evaluation); it resumes too.
