@@ -89,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-greedy", action="store_true", help="skip greedy continuations")
     d.add_argument("--sampled", type=int, default=0, help="sampled continuations per prompt (after the greedy ones)")
     d.add_argument("--temperature", type=float, default=0.8)
-    d.add_argument("--gen-minutes", type=float, default=None, help="budget for generating training data")
+    d.add_argument(
+        "--gen-minutes",
+        type=float,
+        default=None,
+        help="budget for generating this run's training data, counting what writing its cached sets took "
+        "(a Magpie block an earlier stage continued too)",
+    )
     d.add_argument(
         "--gen-dtype",
         default="float32",
