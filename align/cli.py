@@ -216,10 +216,6 @@ def apply_smoke(args: argparse.Namespace) -> None:
     args.eval_every = min(args.eval_every, 10)
 
 
-def chat_prompts(args: argparse.Namespace) -> list[Prompt]:
-    return read_chat_prompts(Path(args.chat_prompts)) if args.chat_prompts else []
-
-
 def prompts_from_file(path: Path, evaluation: list[Prompt]) -> list[Prompt]:
     """The file's conversations, less repeats of one another and of an evaluation prompt: an
     agreement measured on prompts the draft trained on would flatter it."""
@@ -294,7 +290,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     defaults = GenSettings()
     scoring = gen if args.smoke else replace(gen, batch_size=defaults.batch_size, shard_prompts=defaults.shard_prompts)
     held = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed, scoring)
-    evals = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts, scoring)
+    chats = read_chat_prompts(Path(args.chat_prompts)) if args.chat_prompts else []
+    evals = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, chats, scoring)
 
     train_prompts, held_prompts = split_prompts(args.seed)
     held_prompts = held_prompts[: args.eval_prompts]
@@ -307,7 +304,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     blocks = [magpie_train[i : i + MAGPIE_BLOCK] for i in range(0, len(magpie_train), MAGPIE_BLOCK)]
     prompt_sets[:0] = [(f"train-magpie{len(block)}-{digest(block)}", block) for block in blocks]
     if args.train_prompts:
-        given = prompts_from_file(Path(args.train_prompts), [*held_prompts, *magpie_eval, *chat_prompts(args)])
+        given = prompts_from_file(Path(args.train_prompts), [*held_prompts, *magpie_eval, *chats])
         prompt_sets.insert(0, (f"train-file{len(given)}-{digest(given)}", given))
     budget = args.gen_minutes * 60 if args.gen_minutes is not None else None
     sources: list[tuple[str, int]] = []  # (data key, complete shards) that training reads

@@ -87,16 +87,15 @@ def evaluation_sets(
     large_spec: str,
     work_dir: Path,
     magpie_eval: list[Prompt],
-    chat_path: str,
+    chats: list[Prompt],
     settings: GenSettings | None = None,
 ) -> dict[str, list[dict]]:
-    """Greedy continuations of the Magpie evaluation prompts and of the chat conversations in
-    `chat_path` ("": none), by name, for those there are."""
+    """Greedy continuations of the Magpie evaluation prompts and of the chat conversations, by name,
+    for those there are."""
     sets = {}
     if magpie_eval:
         sets["magpie"] = eval_records(large, tokenizer, large_spec, work_dir, magpie_eval, "magpie-eval", settings)
-    if chat_path:
-        chats = read_chat_prompts(Path(chat_path))
+    if chats:
         sets["chat"] = eval_records(large, tokenizer, large_spec, work_dir, chats, "chat", settings)
     return sets
 
@@ -253,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir)
     records = heldout_records(large, tokenizer, args.large, work, args.eval_prompts, args.seed)
     _, magpie_eval = magpie_sets(large, tokenizer, args.large, work, 0, args.magpie_eval, pool=args.magpie_pool)
-    sets = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, args.chat_prompts)
+    chats = read_chat_prompts(Path(args.chat_prompts)) if args.chat_prompts else []
+    sets = evaluation_sets(large, tokenizer, args.large, work, magpie_eval, chats)
     small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32).eval()
     report = {"agreement": agreement(small, records), **{name: agreement(small, recs) for name, recs in sets.items()}}
     if not args.no_cost:
