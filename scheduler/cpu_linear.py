@@ -19,6 +19,7 @@ import platform
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -114,11 +115,19 @@ def active(token_rows: torch.Tensor | None = None, all_rows: int = 0) -> Iterato
         _state.active, _state.token_rows, _state.all_rows = previous
 
 
-def machine_key() -> str:
-    """What kernel timings depend on besides shapes: the CPU, the threads, the torch build."""
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    text = f"{cpu}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
+def machine_key(cpuinfo: str | None = None) -> str:
+    """What kernel timings depend on besides shapes: the CPU, the threads, the torch build.
+
+    A virtual machine's CPU name can be as vague as "AMD EPYC" across generations whose kernels run
+    at very different speeds (with AVX512-BF16 or without), so its instruction-set flags count too.
+    `cpuinfo` is /proc/cpuinfo's text (read when None; absent off Linux).
+    """
+    if cpuinfo is None and os.path.exists("/proc/cpuinfo"):
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    pairs = (line.split(":", 1) for line in (cpuinfo or "").splitlines() if line.startswith(("model name", "flags")))
+    fields = {name.strip(): value.strip() for name, value in pairs}
+    cpu = fields.get("model name", platform.processor())
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    capability = torch.backends.cpu.get_cpu_capability()
+    text = f"{cpu}|{flags}|{capability}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]

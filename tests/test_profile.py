@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from scheduler import profile
+from scheduler import cpu_linear, profile
 from scheduler.engine_core import runner
 from scheduler.scheduler import SchedulerConfig
 from tests import tiny
@@ -78,3 +78,15 @@ def test_waiting_share() -> None:
     assert profile.waiting_share((10.0, 1.0), (10.0, 1.0)) is None
     reading = profile._scheduling()
     assert reading is not None and reading[0] > 0  # this process has run (Linux)
+
+
+def test_the_machine_key_tells_cpus_of_one_name_apart_by_their_flags() -> None:
+    """Cloud VMs report names as vague as "AMD EPYC" for generations with and without AVX512-BF16,
+    whose kernels run at different speeds: a profile kept on one must not be planned with on the other."""
+    zen3 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n"
+    zen4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    shuffled = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: avx512f fpu avx2\n"
+    assert cpu_linear.machine_key(zen3) != cpu_linear.machine_key(zen4)
+    assert cpu_linear.machine_key(zen3) == cpu_linear.machine_key(shuffled)
+    assert cpu_linear.machine_key(zen3) != cpu_linear.machine_key(zen3.replace("AMD EPYC", "Intel Xeon"))
+    assert cpu_linear.machine_key("") == cpu_linear.machine_key("")  # no /proc/cpuinfo: still a key
