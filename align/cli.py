@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from align.evaluate import CHAT_PROMPTS, agreement, cost, evaluation_sets, heldout_records
-from align.generate import GenSettings, generate_shards, load_shards, spent_seconds
+from align.generate import GenSettings, adopt_shards, generate_shards, load_shards, spent_seconds
 from align.magpie import EVAL_POOL, MagpieSettings, Seen, magpie_sets, write_prompts
 from align.model import SmallArch, create_small, save_small
-from align.prompts import Prompt, digest, read_chat_prompts, split_prompts
+from align.prompts import Prompt, digest, prefix_digests, read_chat_prompts, split_prompts
 from align.train import TrainSettings, predicted_vocab, train
 from scheduler import output_vocab
 
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="training prompts the large model writes itself, continued (before the template prompts, within "
         "--gen-minutes; writing them is not counted there) and trained on beside them (0: none); continued in "
-        f"blocks of {MAGPIE_BLOCK:,}, each cached, so a later, larger --magpie continues only the new ones",
+        f"blocks of {MAGPIE_BLOCK:,}, each cached, so a later, larger --magpie continues only the new ones (a "
+        "block an earlier run left short lends its answers to the longer block it begins)",
     )
     m.add_argument(
         "--magpie-eval",
@@ -195,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--retrain-lr", type=float, default=None, help="peak learning rate of that training (default: --lr)")
     return p
+
+
+def magpie_split(block: list[Prompt]) -> str:
+    return f"train-magpie{len(block)}-{digest(block)}"
+
+
+def adopt_earlier_block(data: Path, kind: GenSettings, writer_spec: str, block: list[Prompt]) -> None:
+    """Give a Magpie block the answers an earlier stage wrote to its first prompts. A stage that ended
+    mid-block (20,000 prompts: a last block of 4,000) left them under that shorter block's key; the
+    longest such block lends its complete shards, and the rest are continued as usual."""
+    target, prefixes = data / kind.key(writer_spec, magpie_split(block)), prefix_digests(block)
+    for length in range(len(block) - 1, kind.shard_prompts - 1, -1):  # the longest first
+        earlier = data / kind.key(writer_spec, f"train-magpie{length}-{prefixes[length - 1]}")
+        if earlier.is_dir():
+            adopted = adopt_shards(target, earlier, length // kind.shard_prompts)
+            if adopted:
+                log.info("%s: %d shards from the earlier block %s", target.name, adopted, earlier.name)
+            return
 
 
 def apply_smoke(args: argparse.Namespace) -> None:
@@ -302,7 +321,7 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     # them. In blocks, so that a later stage with more of them (the first ones stay the same) continues
     # only the new ones.
     blocks = [magpie_train[i : i + MAGPIE_BLOCK] for i in range(0, len(magpie_train), MAGPIE_BLOCK)]
-    prompt_sets[:0] = [(f"train-magpie{len(block)}-{digest(block)}", block) for block in blocks]
+    prompt_sets[:0] = [(magpie_split(block), block) for block in blocks]
     if args.train_prompts:
         given = prompts_from_file(Path(args.train_prompts), [*held_prompts, *magpie_eval, *chats])
         prompt_sets.insert(0, (f"train-file{len(given)}-{digest(given)}", given))
@@ -316,6 +335,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     # cached for other prompt sets is not charged to it, or a run with more Magpie prompts than an
     # earlier one would find its budget gone before writing any.
     jobs = [(kind, prompts, kind.key(writer_spec, split)) for kind in kinds for split, prompts in prompt_sets]
+    for kind, block in ((kind, block) for kind in kinds for block in blocks):
+        adopt_earlier_block(work / "data", kind, writer_spec, block)
     for kind, prompts, key in jobs:
         spent_before = sum(spent_seconds(work / "data" / other) for _, _, other in jobs if other != key)
         left = None if budget is None else max(budget - spent_before, 0.0)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,6 +154,31 @@ def spent_seconds(data_dir: Path) -> float:
     """Generation time already spent on one data set over all runs (0 when none was written)."""
     f = data_dir / "spent.json"
     return json.loads(f.read_text())["seconds"] if f.is_file() else 0.0
+
+
+def adopt_shards(data_dir: Path, source: Path, count: int) -> int:
+    """Give `data_dir` the first `count` shards of `source`, a data set whose first prompts are the
+    same and were continued with the same settings, where it lacks them: hard links (a copy where
+    links fail), so no answer is written or stored twice. Their share of the source's generation
+    time comes along in spent.json, so a budget counts them as if they were written here.
+
+    Returns the number of shards adopted."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    adopted = 0
+    for index in range(count):
+        src, dst = shard_path(source, index), shard_path(data_dir, index)
+        if not src.is_file() or dst.exists():
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        adopted += 1
+    if adopted:
+        written = len(list(source.glob("shard_*.pt")))
+        seconds = spent_seconds(data_dir) + spent_seconds(source) * adopted / written
+        (data_dir / "spent.json").write_text(json.dumps({"seconds": seconds}))
+    return adopted
 
 
 def generate_shards(

@@ -506,6 +506,18 @@ def digest(prompts: list[Prompt]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
+def prefix_digests(prompts: list[Prompt]) -> list[str]:
+    """`digest(prompts[:k])` for every k from 1 to len(prompts), in one pass: the JSON of a list is
+    its items' JSON joined, so each prefix's hash continues the one before."""
+    running, digests = hashlib.sha256(b"["), []
+    for i, p in enumerate(prompts):
+        running.update((", " if i else "").encode() + json.dumps([p.family, p.text, p.context]).encode())
+        closed = running.copy()
+        closed.update(b"]")
+        digests.append(closed.hexdigest()[:8])
+    return digests
+
+
 def read_chat_prompts(path: Path) -> list[Prompt]:
     """Conversations from JSON lines (gzipped if the name ends in .gz) of {"messages": [...]}, each
     ending with a user turn, as prompts of the line's "family", or else one that tells their shape:

@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from align import cli, magpie
 from align.cli import build_parser, run
-from align.generate import render
+from align.generate import GenSettings, render, spent_seconds
 from align.magpie import (
     EVAL_SEED,
     OPENINGS,
@@ -26,7 +26,7 @@ from align.magpie import (
     rejection,
     user_turn_prefix,
 )
-from align.prompts import Prompt, all_prompts, read_chat_prompts
+from align.prompts import Prompt, all_prompts, digest, prefix_digests, read_chat_prompts
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 from tests import tiny
 
@@ -270,3 +270,28 @@ def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, t
         s for f in (work / "train").glob("*/signature.json") if len((s := json.loads(f.read_text()))["data"]) == 3
     ]
     assert [key.split("-")[1] for key, _ in signature["data"]] == ["magpie8", "magpie4", "greedy"]
+
+
+def test_a_block_adopts_the_answers_an_earlier_stage_wrote_to_its_first_prompts(tmp_path) -> None:
+    """A stage that ended mid-block (20,000 prompts: blocks of 8,000, 8,000 and 4,000) answered the
+    first prompts of the next stage's third block under that shorter block's key."""
+    block = [Prompt("chat", f"What is {i} times {i}?", (("system", "Be brief."),)) for i in range(8)]
+    assert prefix_digests(block) == [digest(block[:k]) for k in range(1, 9)]
+    kind, data = GenSettings(shard_prompts=2), tmp_path / "data"
+    earlier = data / kind.key("large", f"train-magpie5-{digest(block[:5])}")
+    earlier.mkdir(parents=True)
+    for index in range(3):  # two full shards, and one of the fifth prompt alone
+        torch.save([{"shard": index}], earlier / f"shard_{index:05d}.pt")
+    (earlier / "spent.json").write_text(json.dumps({"seconds": 30.0}))
+
+    cli.adopt_earlier_block(data, replace(kind, batch_size=8), "large", block)  # other settings: other answers
+    cli.adopt_earlier_block(data, kind, "large", block[1:])  # other prompts first
+    assert sorted(p.name for p in data.iterdir()) == [earlier.name]
+
+    cli.adopt_earlier_block(data, kind, "large", block)
+    target = data / kind.key("large", cli.magpie_split(block))
+    assert sorted(f.name for f in target.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
+    assert torch.load(target / "shard_00001.pt", weights_only=True) == [{"shard": 1}]
+    assert spent_seconds(target) == 20.0  # two of the three shards' time: the budget counts them
+    cli.adopt_earlier_block(data, kind, "large", block)  # again: nothing to adopt, nothing counted twice
+    assert spent_seconds(target) == 20.0
