@@ -204,16 +204,14 @@ def magpie_split(block: list[Prompt]) -> str:
 
 def adopt_earlier_block(data: Path, kind: GenSettings, writer_spec: str, block: list[Prompt]) -> None:
     """Give a Magpie block the answers an earlier stage wrote to its first prompts. A stage that ended
-    mid-block (20,000 prompts: a last block of 4,000) left them under that shorter block's key; the
-    longest such block lends its complete shards, and the rest are continued as usual."""
+    mid-block (20,000 prompts: a last block of 4,000) left them under that shorter block's key; every
+    such block (the longest first) lends the complete shards the block lacks, and the rest are
+    continued as usual."""
     target, prefixes = data / kind.key(writer_spec, magpie_split(block)), prefix_digests(block)
-    for length in range(len(block) - 1, kind.shard_prompts - 1, -1):  # the longest first
+    for length in range(len(block) - 1, kind.shard_prompts - 1, -1):
         earlier = data / kind.key(writer_spec, f"train-magpie{length}-{prefixes[length - 1]}")
-        if earlier.is_dir():
-            adopted = adopt_shards(target, earlier, length // kind.shard_prompts)
-            if adopted:
-                log.info("%s: %d shards from the earlier block %s", target.name, adopted, earlier.name)
-            return
+        if earlier.is_dir() and (adopted := adopt_shards(target, earlier, length // kind.shard_prompts)):
+            log.info("%s: %d shards from the earlier block %s", target.name, adopted, earlier.name)
 
 
 def apply_smoke(args: argparse.Namespace) -> None:

@@ -159,25 +159,30 @@ def spent_seconds(data_dir: Path) -> float:
 def adopt_shards(data_dir: Path, source: Path, count: int) -> int:
     """Give `data_dir` the first `count` shards of `source`, a data set whose first prompts are the
     same and were continued with the same settings, where it lacks them: hard links (a copy where
-    links fail), so no answer is written or stored twice. Their share of the source's generation
-    time comes along in spent.json, so a budget counts them as if they were written here.
+    links fail), so no answer is written or stored twice. Each shard's share of the source's
+    generation time comes along in spent.json, so a budget counts it as if it were written here.
+    (The answers can differ from this set's own in a float's last bits: a scheduler's cache is sized
+    by its set's longest prompt.)
 
     Returns the number of shards adopted."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    written = len(list(source.glob("shard_*.pt")))
     adopted = 0
     for index in range(count):
         src, dst = shard_path(source, index), shard_path(data_dir, index)
         if not src.is_file() or dst.exists():
             continue
+        tmp = dst.with_suffix(f".tmp{os.getpid()}")
         try:
-            os.link(src, dst)
+            os.link(src, tmp)
         except OSError:
-            shutil.copyfile(src, dst)
-        adopted += 1
-    if adopted:
-        written = len(list(source.glob("shard_*.pt")))
-        seconds = spent_seconds(data_dir) + spent_seconds(source) * adopted / written
+            shutil.copyfile(src, tmp)
+        # Time first, then the shard: an interruption between them may count a shard's time that was
+        # never adopted (it is then written, and counted, again), never the reverse.
+        seconds = spent_seconds(data_dir) + spent_seconds(source) / written
         (data_dir / "spent.json").write_text(json.dumps({"seconds": seconds}))
+        tmp.rename(dst)  # atomic, as generate_shards writes them
+        adopted += 1
     return adopted
 
 

@@ -271,6 +271,15 @@ def test_bild_align_trains_on_magpie_prompts(talkative_large: Path, tokenizer, t
     ]
     assert [key.split("-")[1] for key, _ in signature["data"]] == ["magpie8", "magpie4", "greedy"]
 
+    # A block that an earlier stage's shorter one begins (the 12 prompts of --magpie 12 in one block,
+    # above) takes its complete shard rather than continuing those prompts again.
+    monkeypatch.setattr(cli, "MAGPIE_BLOCK", 16)
+    assert run(build_parser().parse_args([*argv, "--magpie", "16"]))["magpie_train_prompts"] == 16
+    (twelve,) = (work / "data").glob("train-magpie12-*-greedy-*")
+    (sixteen,) = (work / "data").glob("train-magpie16-*-greedy-*")
+    assert (sixteen / "shard_00000.pt").samefile(twelve / "shard_00000.pt")
+    assert len(list(sixteen.glob("shard_*.pt"))) == 2
+
 
 def test_a_block_adopts_the_answers_an_earlier_stage_wrote_to_its_first_prompts(tmp_path) -> None:
     """A stage that ended mid-block (20,000 prompts: blocks of 8,000, 8,000 and 4,000) answered the
@@ -278,20 +287,28 @@ def test_a_block_adopts_the_answers_an_earlier_stage_wrote_to_its_first_prompts(
     block = [Prompt("chat", f"What is {i} times {i}?", (("system", "Be brief."),)) for i in range(8)]
     assert prefix_digests(block) == [digest(block[:k]) for k in range(1, 9)]
     kind, data = GenSettings(shard_prompts=2), tmp_path / "data"
-    earlier = data / kind.key("large", f"train-magpie5-{digest(block[:5])}")
-    earlier.mkdir(parents=True)
-    for index in range(3):  # two full shards, and one of the fifth prompt alone
-        torch.save([{"shard": index}], earlier / f"shard_{index:05d}.pt")
-    (earlier / "spent.json").write_text(json.dumps({"seconds": 30.0}))
+
+    def earlier(length: int, shards: int, seconds: float) -> Path:
+        path = data / kind.key("large", f"train-magpie{length}-{digest(block[:length])}")
+        path.mkdir(parents=True)
+        for index in range(shards):
+            torch.save([{"length": length, "shard": index}], path / f"shard_{index:05d}.pt")
+        (path / "spent.json").write_text(json.dumps({"seconds": seconds}))
+        return path
+
+    five = earlier(5, 3, 30.0)  # two full shards, and one of the fifth prompt alone
+    seven = earlier(7, 1, 10.0)  # a run whose budget ran out after one shard
 
     cli.adopt_earlier_block(data, replace(kind, batch_size=8), "large", block)  # other settings: other answers
     cli.adopt_earlier_block(data, kind, "large", block[1:])  # other prompts first
-    assert sorted(p.name for p in data.iterdir()) == [earlier.name]
+    assert sorted(p.name for p in data.iterdir()) == sorted([five.name, seven.name])
 
     cli.adopt_earlier_block(data, kind, "large", block)
     target = data / kind.key("large", cli.magpie_split(block))
     assert sorted(f.name for f in target.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt"]
-    assert torch.load(target / "shard_00001.pt", weights_only=True) == [{"shard": 1}]
-    assert spent_seconds(target) == 20.0  # two of the three shards' time: the budget counts them
+    assert torch.load(target / "shard_00000.pt", weights_only=True) == [{"length": 7, "shard": 0}]
+    assert torch.load(target / "shard_00001.pt", weights_only=True) == [{"length": 5, "shard": 1}]
+    assert not list(target.glob("*.tmp*"))
+    assert spent_seconds(target) == 10.0 + 10.0  # each shard's share of its block's time: the budget counts them
     cli.adopt_earlier_block(data, kind, "large", block)  # again: nothing to adopt, nothing counted twice
     assert spent_seconds(target) == 20.0
