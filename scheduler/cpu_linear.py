@@ -124,10 +124,12 @@ def machine_key(cpuinfo: str | None = None) -> str:
     """
     if cpuinfo is None and os.path.exists("/proc/cpuinfo"):
         cpuinfo = Path("/proc/cpuinfo").read_text()
-    pairs = (line.split(":", 1) for line in (cpuinfo or "").splitlines() if line.startswith(("model name", "flags")))
-    fields = {name.strip(): value.strip() for name, value in pairs}
-    cpu = fields.get("model name", platform.processor())
-    flags = " ".join(sorted(fields.get("flags", "").split()))
+    lines = (cpuinfo or "").splitlines()
+    fields = {name.strip(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    # x86 names its model and lists flags; ARM gives its implementer and part, and lists features.
+    names = [fields[name] for name in ("model name", "CPU implementer", "CPU part") if fields.get(name)]
+    cpu = " ".join(names) or platform.processor()
+    flags = " ".join(sorted(fields.get("flags", fields.get("Features", "")).split()))
     capability = torch.backends.cpu.get_cpu_capability()
     text = f"{cpu}|{flags}|{capability}|{os.cpu_count()}|{torch.get_num_threads()}|{torch.__version__}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]

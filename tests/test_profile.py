@@ -89,4 +89,10 @@ def test_the_machine_key_tells_cpus_of_one_name_apart_by_their_flags() -> None:
     assert cpu_linear.machine_key(zen3) != cpu_linear.machine_key(zen4)
     assert cpu_linear.machine_key(zen3) == cpu_linear.machine_key(shuffled)
     assert cpu_linear.machine_key(zen3) != cpu_linear.machine_key(zen3.replace("AMD EPYC", "Intel Xeon"))
-    assert cpu_linear.machine_key("") == cpu_linear.machine_key("")  # no /proc/cpuinfo: still a key
+    graviton2 = "processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
+    assert cpu_linear.machine_key(graviton2) != cpu_linear.machine_key(graviton3)
+    assert cpu_linear.machine_key(graviton2) != cpu_linear.machine_key(
+        graviton2.replace(" bf16", "").replace("0xd0c", "0xd40")
+    )
+    assert cpu_linear.machine_key("flags\nmodel name\n") == cpu_linear.machine_key("")  # odd lines: still a key
