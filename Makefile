@@ -70,16 +70,15 @@ align: setup
 	$(VENV)/bin/bild-align --large smollm2-135m-instruct --out models/smollm2-135m-draft --work-dir align-work \
 		--gen-minutes 75 --sampled 1 --train-minutes 35 $(ARGS)
 
-# The shipped draft: `make align`'s draft, then this stage five times, on 3,000, 5,000, 8,000, 8,000 other and
-# 20,000 prompts SmolLM2 wrote itself (Magpie; ARGS="--magpie 3000 --gen-minutes 95", then ARGS="--magpie 5000
-# --gen-minutes 110", then these defaults, then ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --gen-minutes 60
-# --train-minutes 30", then ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --magpie 20000 --gen-minutes 90
-# --train-minutes 40", which reuses the stage before's answers to its first 8,000), each beside the first 3,712
-# template prompts and each from the stage before. The last two need a CPU with AVX512-BF16 or AMX to be fast:
-# 1 h 50 min and 2 h 10 min there (the last: 49 minutes writing 11,700 new prompts, 32 of continuations, 40 of
-# training, the rest evaluation).
-# The 8,000 stage took 2 h 10 min on 2 cores with the 5,000 stage's data reused (45 minutes writing prompts,
-# 42 of continuations, 35 of training, the rest evaluation); it resumes too.
+# The shipped draft: `make align`'s draft, then this stage six times, each from the one before and each beside
+# the first 3,712 template prompts, on 3,000, 5,000, 8,000, 8,000 other, 20,000 and 32,000 prompts SmolLM2 wrote
+# itself (Magpie; ARGS="--magpie 3000 --gen-minutes 95", then ARGS="--magpie 5000 --gen-minutes 110", then these
+# defaults, then ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --gen-minutes 60 --train-minutes 30", then
+# ARGS="--gen-dtype bfloat16 --gen-batch-size 128 --magpie 20000 --gen-minutes 90 --train-minutes 40", then the
+# same with --magpie 32000 --gen-minutes 150). Each answers only its new prompts (cached in blocks of 8,000) and
+# resumes after an interruption. The last three need a CPU with AVX512-BF16 or AMX to be fast: 1 h 50 min,
+# 2 h 10 min and 2 h 22 min there (the last: 52 minutes writing 12,000 new prompts, 43 answering
+# 12,032 of them with the test suite beside it for 9, 40 of training, the rest evaluation).
 align-magpie: setup
 	$(VENV)/bin/bild-align --large smollm2-135m-instruct --small models/smollm2-135m-draft \
 		--out models/smollm2-135m-draft --work-dir align-work --magpie 8000 --magpie-eval 300 --num-prompts 3712 \
