@@ -500,9 +500,13 @@ def all_prompts() -> list[Prompt]:
     return unique
 
 
+def _contents(prompt: Prompt) -> list:
+    return [prompt.family, prompt.text, prompt.context]
+
+
 def digest(prompts: list[Prompt]) -> str:
     """A short hash of a prompt list's contents: data made from the list is cached under it."""
-    blob = json.dumps([[p.family, p.text, p.context] for p in prompts])
+    blob = json.dumps([_contents(p) for p in prompts])
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -511,7 +515,7 @@ def prefix_digests(prompts: list[Prompt]) -> list[str]:
     its items' JSON joined, so each prefix's hash continues the one before."""
     running, digests = hashlib.sha256(b"["), []
     for i, p in enumerate(prompts):
-        running.update((", " if i else "").encode() + json.dumps([p.family, p.text, p.context]).encode())
+        running.update((", " if i else "").encode() + json.dumps(_contents(p)).encode())
         closed = running.copy()
         closed.update(b"]")
         digests.append(closed.hexdigest()[:8])
