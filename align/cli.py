@@ -333,8 +333,9 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
     # cached for other prompt sets is not charged to it, or a run with more Magpie prompts than an
     # earlier one would find its budget gone before writing any.
     jobs = [(kind, prompts, kind.key(writer_spec, split)) for kind in kinds for split, prompts in prompt_sets]
-    for kind, block in ((kind, block) for kind in kinds for block in blocks):
-        adopt_earlier_block(work / "data", kind, writer_spec, block)
+    for kind in kinds:
+        for block in blocks:
+            adopt_earlier_block(work / "data", kind, writer_spec, block)
     for kind, prompts, key in jobs:
         spent_before = sum(spent_seconds(work / "data" / other) for _, _, other in jobs if other != key)
         left = None if budget is None else max(budget - spent_before, 0.0)
