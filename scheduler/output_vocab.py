@@ -80,6 +80,7 @@ class SubsetHead(nn.Module):
             self.register_buffer("weight_sub", head.weight[self.token_ids].contiguous(), persistent=False)
             bias = None if head.bias is None else head.bias[self.token_ids].clone()
             self.register_buffer("bias_sub", bias, persistent=False)
+        self.onednn_sub = cpu_linear.onednn_weight(self.weight_sub)  # a plain attribute: never saved, never moved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_restricted():
@@ -87,9 +88,7 @@ class SubsetHead(nn.Module):
         return cpu_linear.packed(x, self._scores, is_head=True)
 
     def _scores(self, flat: torch.Tensor) -> torch.Tensor:
-        scores = cpu_linear.product(self.weight_sub, flat)
-        if self.bias_sub is not None:
-            scores = scores + self.bias_sub
+        scores = cpu_linear.product(self.weight_sub, flat, self.onednn_sub, self.bias_sub)
         out = flat.new_full((flat.shape[0], self.vocab_size), torch.finfo(flat.dtype).min)
         out[:, self.token_ids] = scores
         return out

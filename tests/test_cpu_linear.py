@@ -3,6 +3,7 @@ packed forwards that compute only the rows they are given."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -22,7 +23,8 @@ class TwoLayers(nn.Module):
         return self.head(torch.tanh(self.body(x)))
 
 
-def test_same_products_at_every_row_count() -> None:
+@pytest.mark.parametrize("kernel", ["onednn", "fallback"])
+def test_same_products_at_every_row_count(kernel: str) -> None:
     torch.manual_seed(0)
     model = TwoLayers()
     inputs = {rows: torch.randn(1, rows, 24) for rows in (1, 2, 3, 4, 8, 80, 300)}
@@ -30,6 +32,11 @@ def test_same_products_at_every_row_count() -> None:
         expected = {rows: model(x) for rows, x in inputs.items()}
         assert cpu_linear.install(model) == 2
         assert isinstance(model.head, cpu_linear.CpuLinear) and model.head.is_head and not model.body.is_head
+        for layer in (model.body, model.head):
+            if kernel == "fallback":  # as on a torch build without oneDNN
+                layer.onednn = None
+            elif torch.backends.mkldnn.is_available():  # x86 builds, CI's among them
+                assert layer.onednn is not None, "oneDNN's kernel was not taken up"
         for rows, x in inputs.items():
             assert torch.equal(model(x), expected[rows]), "outside a runner's forward the stock kernel runs"
             with cpu_linear.active():
@@ -54,3 +61,15 @@ def test_a_packed_forward_computes_only_the_rows_it_is_given() -> None:
     assert torch.count_nonzero(body[[0, 1, 2, 4, 5]]) == 0, "the padding's rows are left out"
     assert out.shape == (1, 7, 300), "the head returns only the given rows"
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_float32_cpu_weights_are_reordered() -> None:
+    weight = torch.randn(40, 24)
+    assert cpu_linear.onednn_weight(weight.bfloat16()) is None
+    assert cpu_linear.onednn_weight(weight.double()) is None
+    if torch.backends.mkldnn.is_available():
+        reordered = cpu_linear.onednn_weight(weight)
+        x = torch.randn(5, 24, dtype=torch.bfloat16)
+        # Input that is not float32 takes the other kernel rather than failing in oneDNN's.
+        out = cpu_linear.product(weight.bfloat16(), x, reordered)
+        assert out.dtype == torch.bfloat16 and out.shape == (5, 40)
