@@ -10,7 +10,7 @@ drafts until a draft's confidence is below the fallback threshold (that draft is
 max_small_tokens are pending; one large forward then settles the drafts up to the first wrong one,
 plus its own token. Time counts a large forward as 1 and a draft step as the draft's cost ratio in
 bild's runner (from its alignment.json, or --cost-ratio); a forward over a few more tokens costs a
-batch-1 large model next to nothing on CPU, and the plan's early checks are not modelled. The
+batch-1 large model little on CPU (8 tokens: 1.2x of one), and the plan's early checks are not modelled. The
 server's plan checks earlier where a wider check costs more in the measured cost profile: run
 through `scheduler.policy.plan` with a profile in which 8 tokens cost 1.6x of one, the draft share
 on the chat prompts came out 33% rather than this rule's 42%, about what the server reports (30%).

@@ -76,7 +76,25 @@ def product(
     return out if bias is None else out + bias
 
 
-class CpuLinear(nn.Module):
+class OnednnCopy(nn.Module):
+    """A module that keeps `onednn`, oneDNN's reordered copy of its weight named `ONEDNN_OF`.
+
+    The copy is a plain attribute: never saved or moved with the module. It has no storage to copy
+    either, so a deep copy or unpickled copy of the module reorders its own weight again.
+    """
+
+    ONEDNN_OF = "weight"
+    onednn: torch.Tensor | None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "onednn": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.onednn = onednn_weight(getattr(self, self.ONEDNN_OF))
+
+
+class CpuLinear(OnednnCopy):
     """A float32 CPU `nn.Linear` with the arrangements above; the same parameters, not copies, plus
     oneDNN's reordered copy of the weight where it applies."""
 
@@ -85,7 +103,7 @@ class CpuLinear(nn.Module):
         self.weight = linear.weight  # shared: tied embeddings stay tied, state_dict keys unchanged
         self.bias = linear.bias
         self.is_head = is_head
-        self.onednn = onednn_weight(linear.weight)  # a plain attribute: never saved, never moved
+        self.onednn = onednn_weight(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_active():

@@ -62,8 +62,10 @@ def load(directory: Path) -> list[int] | None:
     return ids
 
 
-class SubsetHead(nn.Module):
+class SubsetHead(cpu_linear.OnednnCopy):
     """An output head that, inside `restricted()`, scores only `token_ids`."""
+
+    ONEDNN_OF = "weight_sub"
 
     def __init__(self, head: nn.Linear, token_ids: list[int]) -> None:
         super().__init__()
@@ -80,7 +82,7 @@ class SubsetHead(nn.Module):
             self.register_buffer("weight_sub", head.weight[self.token_ids].contiguous(), persistent=False)
             bias = None if head.bias is None else head.bias[self.token_ids].clone()
             self.register_buffer("bias_sub", bias, persistent=False)
-        self.onednn_sub = cpu_linear.onednn_weight(self.weight_sub)  # a plain attribute: never saved, never moved
+        self.onednn = cpu_linear.onednn_weight(self.weight_sub)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_restricted():
@@ -88,7 +90,7 @@ class SubsetHead(nn.Module):
         return cpu_linear.packed(x, self._scores, is_head=True)
 
     def _scores(self, flat: torch.Tensor) -> torch.Tensor:
-        scores = cpu_linear.product(self.weight_sub, flat, self.onednn_sub, self.bias_sub)
+        scores = cpu_linear.product(self.weight_sub, flat, self.onednn, self.bias_sub)
         out = flat.new_full((flat.shape[0], self.vocab_size), torch.finfo(flat.dtype).min)
         out[:, self.token_ids] = scores
         return out

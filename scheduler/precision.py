@@ -1,11 +1,10 @@
 """What the choice of floating-point type costs on the serving device, said once at start-up.
 
-On a CPU, bfloat16 is fast only where the CPU computes it natively (AVX512-BF16 or AMX). There a
-forward over many tokens, which verification and full batches make, costs little more than one
-over a single token: SmolLM2-135M over 16 tokens took 25 ms in bfloat16 against 55 ms in float32
-on a 2-core EPYC with AVX512-BF16, and through the server mode `large` gave 1.3x (1 stream) to
-2.2x (16 streams) of float32's tokens/s. Without native support it is emulated, and such forwards
-run several times slower than in float32.
+On a CPU, bfloat16 is fast only where the CPU computes it natively (AVX512-BF16 or AMX). There it
+streams half the bytes of float32's weights: on a 2-core EPYC with AVX512-BF16, through the server,
+mode `large` gave 1.4x (1 stream), 1.6x (4) and 1.3x (16) of float32's tokens/s, float32 running on
+oneDNN's kernels (cpu_linear.py). Without native support it is emulated, and forwards over several
+tokens, which verification and full batches make, run several times slower than in float32.
 
 Its price is exactness. A kernel rounds a sequence's activations differently in a forward over one
 token than in one over several, or beside other sequences; a float32 difference of that kind moves
@@ -39,8 +38,8 @@ def advice(device: str, dtype: str, native: bool | None = None) -> str | None:
     if dtype == EXACT_IN:
         if on_cpu and native:
             return (
-                "this CPU computes bfloat16 natively: --dtype bfloat16 serves faster (about 1.3x at one stream "
-                "to 2.2x at 16 measured on such a CPU), but mode exact then matches mode large only up to "
+                "this CPU computes bfloat16 natively: --dtype bfloat16 serves faster (1.3x to 1.6x at 1 to 16 "
+                "streams measured on such a CPU), but mode exact then matches mode large only up to "
                 "bfloat16 rounding"
             )
         return None

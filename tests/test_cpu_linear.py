@@ -3,6 +3,9 @@ packed forwards that compute only the rows they are given."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -73,3 +76,18 @@ def test_only_float32_cpu_weights_are_reordered() -> None:
         # Input that is not float32 takes the other kernel rather than failing in oneDNN's.
         out = cpu_linear.product(weight.bfloat16(), x, reordered)
         assert out.dtype == torch.bfloat16 and out.shape == (5, 40)
+
+
+def test_a_copied_model_reorders_its_own_weights() -> None:
+    """oneDNN's reordered weights have no storage: deepcopy and pickle must rebuild them, not copy them."""
+    torch.manual_seed(0)
+    model = TwoLayers()
+    cpu_linear.install(model)
+    x = torch.randn(1, 3, 24)
+    with torch.no_grad(), cpu_linear.active():
+        expected = model(x)
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            torch.testing.assert_close(copied(x), expected, rtol=1e-6, atol=1e-6)
+            for mine, theirs in ((copied.body, model.body), (copied.head, model.head)):
+                assert (mine.onednn is None) == (theirs.onednn is None)
+                assert mine.onednn is None or mine.onednn is not theirs.onednn
