@@ -7,9 +7,9 @@ a forward over k + 1 rows, so that slope decides how far drafts may run before B
 oneDNN's inner product over a weight reordered once into its blocked layout runs the same products
 in 11 ms over one row, 15 over 8 and 50 over 64 (2.5x faster than F.linear up to 512 rows; W @ x^T,
 which bild used before, took 13, 30 and 146), so CpuLinear keeps such a copy of its weight
-(`onednn_weight`). That costs the layer's weights once
-more in memory. Where this torch has no such kernel, W @ x^T stands in, which streams W once for a
-few rows (one row runs as two, see `product`).
+(`onednn_weight`), which costs the layer's weights once more in memory. Where this torch has no
+such kernel, W @ x^T stands in, which streams W once for a few rows (one row runs as two, see
+`product`).
 
 The replacement only changes the arithmetic while a runner's forward is active (see `active()`);
 anyone else calling the same model, such as a benchmark's transformers baseline, gets stock layers.
@@ -67,7 +67,8 @@ def product(
     The result is contiguous: a transposed view would hand every later product of the layer its
     input in the layout the slow kernels take.
     """
-    if reordered is not None and flat.device.type == "cpu" and flat.dtype == torch.float32:  # (not moved since)
+    # The module may have moved to another device or dtype since its weight was reordered.
+    if reordered is not None and flat.device.type == "cpu" and flat.dtype == torch.float32:
         return _onednn(flat, reordered, bias)
     if flat.shape[0] == 1:  # one row as two: a GEMM streams the weights faster than a GEMV does
         out = (weight @ torch.cat([flat, flat]).T)[:, :1].T.contiguous()
@@ -86,12 +87,15 @@ class OnednnCopy(nn.Module):
     ONEDNN_OF = "weight"
     onednn: torch.Tensor | None
 
+    def reorder(self) -> None:
+        self.onednn = onednn_weight(getattr(self, self.ONEDNN_OF))
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "onednn": None}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.onednn = onednn_weight(getattr(self, self.ONEDNN_OF))
+        self.reorder()
 
 
 class CpuLinear(OnednnCopy):
@@ -103,7 +107,7 @@ class CpuLinear(OnednnCopy):
         self.weight = linear.weight  # shared: tied embeddings stay tied, state_dict keys unchanged
         self.bias = linear.bias
         self.is_head = is_head
-        self.onednn = onednn_weight(linear.weight)
+        self.reorder()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_active():

@@ -82,7 +82,7 @@ class SubsetHead(cpu_linear.OnednnCopy):
             self.register_buffer("weight_sub", head.weight[self.token_ids].contiguous(), persistent=False)
             bias = None if head.bias is None else head.bias[self.token_ids].clone()
             self.register_buffer("bias_sub", bias, persistent=False)
-        self.onednn = cpu_linear.onednn_weight(self.weight_sub)
+        self.reorder()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_restricted():

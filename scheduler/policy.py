@@ -16,11 +16,11 @@ The rules are BiLD's (Kim et al. 2023):
 The plan is what makes those rules pay at every load. Verifying more tokens costs the large model
 little in a forward over one sequence, and ever more as the batch fills (on a 2-core CPU, a forward
 over 8 tokens cost 1.2x of one over a single token, over 64 tokens 3x; the forward's cost is
-measured at start-up, `CostModel`). So the plan maximises expected settled tokens
-per second: each iteration it compares checking every pending draft now, in one large forward that
-all waiting sequences share, with letting the most promising sequences draft one more token first
-(Goodput, SmartSpec/TurboSpec, arXiv 2406.14066). A draft's promise is the chance that it and every
-draft before it stand, estimated from its confidence by acceptance statistics gathered online
+measured at start-up, `CostModel`). So the plan maximises expected settled tokens per second: each
+iteration it compares checking every pending draft now, in one large forward that all waiting
+sequences share, with letting the most promising sequences draft one more token first (Goodput,
+SmartSpec/TurboSpec, arXiv 2406.14066). A draft's promise is the chance that it and every draft
+before it stand, estimated from its confidence by acceptance statistics gathered online
 (`AcceptanceStats`). Where no draft pays, sequences decode with the large model alone. Sequences
 that must not depend on their batch (`RowState.independent`) keep BiLD's per-sequence rules only.
 """
