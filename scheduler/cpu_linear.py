@@ -48,13 +48,13 @@ def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
             reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ONEDNN_ROWS)
             probe = torch.linspace(-1.0, 1.0, 2 * weight.shape[1]).reshape(2, -1)
-            same = torch.allclose(_onednn(probe, reordered), F.linear(probe, weight), rtol=1e-4, atol=1e-4)
+            same = torch.allclose(onednn_product(probe, reordered), F.linear(probe, weight), rtol=1e-4, atol=1e-4)
     except (AttributeError, NotImplementedError, RuntimeError):  # no such op, or not for this build's CPU
         return None
     return reordered if same else None
 
 
-def _onednn(flat: torch.Tensor, reordered: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_product(flat: torch.Tensor, reordered: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(flat, reordered, bias, "none", [], "")
 
 
@@ -69,7 +69,7 @@ def product(
     """
     # The module may have moved to another device or dtype since its weight was reordered.
     if reordered is not None and flat.device.type == "cpu" and flat.dtype == torch.float32:
-        return _onednn(flat, reordered, bias)
+        return onednn_product(flat, reordered, bias)
     if flat.shape[0] == 1:  # one row as two: a GEMM streams the weights faster than a GEMV does
         out = (weight @ torch.cat([flat, flat]).T)[:, :1].T.contiguous()
     else:

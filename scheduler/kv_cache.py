@@ -24,8 +24,10 @@ class BatchLayout:
     """Where the current forward's tokens go: set by the model runner before each forward."""
 
     slots: torch.Tensor  # [B] slot of each batch row
-    write_slots: torch.Tensor  # [B, Q] slot each input token's key is written to (padding -> scratch slot)
-    write_positions: torch.Tensor  # [B, Q] position each input token's key is written to
+    # Where each input token's key is written: [B, Q] for a padded batch (padding -> scratch slot), or
+    # [N] for a batch of token rows.
+    write_slots: torch.Tensor
+    write_positions: torch.Tensor
     kv_len: int  # how many positions the batch attends over
     contiguous: slice | None  # slots as a slice when they are consecutive, for a copy-free view
 
@@ -75,13 +77,18 @@ class SlotKVCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write [B, H, Q, D] new keys/values in place; return [B, H, kv_len, D] to attend over."""
+        self.write(layer_idx, key_states.transpose(1, 2), value_states.transpose(1, 2))
+        return self.read(layer_idx)
+
+    def write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write new keys/values, token-major ([*index, H, D], where the layout's write indices have
+        shape `index`), at the layout's slots and positions."""
         layout = self.layout
         assert layout is not None, "SlotKVCache.prepare() must run before a forward"
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        # Advanced indices on dims 0 and 2 put the [B, Q] index dims first: [B, Q, H, D].
-        keys[layout.write_slots, :, layout.write_positions] = key_states.transpose(1, 2).to(keys.dtype)
-        values[layout.write_slots, :, layout.write_positions] = value_states.transpose(1, 2).to(values.dtype)
-        return self.read(layer_idx)
+        # Advanced indices on dims 0 and 2 put the index dims first: [*index, H, D].
+        keys[layout.write_slots, :, layout.write_positions] = key_states.to(keys.dtype)
+        values[layout.write_slots, :, layout.write_positions] = value_states.to(values.dtype)
 
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The [B, H, kv_len, D] keys and values of the batch's slots."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from scheduler import cpu_linear, output_vocab
+from scheduler import cpu_linear, llama_forward, output_vocab
 from scheduler.kv_cache import BatchLayout, SlotKVCache
 
 
@@ -60,6 +60,8 @@ class CausalLMRunner:
         self.kv_bucket = 128 if self.device.type == "cuda" else 16
         # Products leave the padding out only where CpuLinear runs them (float32 on a CPU).
         self.pack = cpu_linear.install(model) > 0
+        # Llama-family decoders run as a plain layer stack (llama_forward.py), others in transformers.
+        self.stack = llama_forward.LlamaForward(model) if llama_forward.supports(model) else None
         # run_as[n]: a forward over n tokens computes this many rows (n, or more where the CPU's
         # kernels happen to be faster at the larger count). Set from the measured cost profile
         # (scheduler/profile.py); empty: n rows.
@@ -74,7 +76,7 @@ class CausalLMRunner:
 
     def next_token_logits(self, items: list[ForwardItem]) -> torch.Tensor:
         """Feed each item's tokens; return [B, V] logits of each item's last token (what comes next)."""
-        return self._forward(items, all_logits=False)[:, -1]
+        return self._forward(items, all_logits=False)
 
     def token_logits(self, items: list[ForwardItem]) -> torch.Tensor:
         """Feed each item's tokens; return [N, V] logits of every token, item after item (N tokens in all).
@@ -85,8 +87,71 @@ class CausalLMRunner:
 
     @torch.inference_mode()
     def _forward(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
-        """Inputs are left-padded, so every row's last token sits in the last column and "last token
-        only" is one slice for the whole batch (the output head then runs on one column)."""
+        started = time.perf_counter()
+        try:
+            if self.stack is not None:
+                logits = self._forward_rows(items, all_logits)
+            else:
+                logits = self._forward_padded(items, all_logits)
+        finally:
+            self.cache.layout = None
+        logits = logits[..., : self.vocab_limit]
+        if self.banned is not None:
+            logits[..., self.banned[self.banned < logits.shape[-1]]] = self._mask_min
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # so the time is the forward's, not the next sync's
+        self.forward_seconds += time.perf_counter() - started
+        self.forward_calls += 1
+        return logits
+
+    def _forward_rows(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
+        """The Llama stack's forward (llama_forward.py) over the batch's tokens as rows, item after item."""
+        device = self.device
+        n_tokens = sum(len(item.tokens) for item in items)
+        rows = self.run_as[n_tokens] if n_tokens < len(self.run_as) else n_tokens
+        if rows > n_tokens:  # a faster row count (see `run_as`): the extra rows form an item of their own
+            items = [*items, ForwardItem(self.cache.scratch_slot, 0, [0] * (rows - n_tokens))]
+        lengths = torch.tensor([len(item.tokens) for item in items], device=device)
+        starts = torch.tensor([item.start for item in items], device=device)
+        slots = torch.tensor([item.slot for item in items], device=device)
+        width = int(lengths.max())
+        item_of_row = torch.repeat_interleave(torch.arange(len(items), device=device), lengths)
+        ends = lengths.cumsum(0)
+        column = torch.arange(rows, device=device) - (ends - lengths)[item_of_row]  # index within the item
+        positions = starts[item_of_row] + column
+        kv_len = min(self.cache.max_len, -(-int((starts + lengths).max()) // self.kv_bucket) * self.kv_bucket)
+        # Query j of an item sees its keys 0..start+j. Queries past an item's own tokens (padding, where
+        # items feed different counts) see as many, which are finite, and are never read.
+        query_positions = starts[:, None] + torch.arange(width, device=device)[None, :]  # [B, Q]
+        mask = torch.arange(kv_len, device=device)[None, None, :] <= query_positions[:, :, None]
+        first = items[0].slot
+        contiguous = all(item.slot == first + i for i, item in enumerate(items))
+        self.cache.prepare(
+            BatchLayout(
+                slots=slots,
+                write_slots=slots[item_of_row],
+                write_positions=positions,
+                kv_len=kv_len,
+                contiguous=slice(first, first + len(items)) if contiguous else None,
+            )
+        )
+        batch = llama_forward.Batch(
+            input_ids=torch.tensor([t for item in items for t in item.tokens], device=device),
+            positions=positions,
+            items=len(items),
+            width=width,
+            query_rows=None if bool((lengths == width).all()) else item_of_row * width + column,
+            mask=mask[:, None],
+        )
+        with cpu_linear.active(), output_vocab.restricted():
+            hidden = self.stack.hidden(batch, self.cache)
+            wanted = hidden[:n_tokens] if all_logits else hidden[ends[: len(items) - (rows > n_tokens)] - 1]
+            return self.model.get_output_embeddings()(wanted)
+
+    def _forward_padded(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
+        """Transformers' forward over a left-padded batch: every row's last token sits in the last
+        column, so "last token only" is one slice for the whole batch (the output head then runs
+        on one column)."""
         device = self.device
         lengths = torch.tensor([len(item.tokens) for item in items], device=device)
         starts = torch.tensor([item.start for item in items], device=device)
@@ -135,30 +200,18 @@ class CausalLMRunner:
             if rows > n_tokens:
                 extra = (~real).nonzero().squeeze(1)[: rows - n_tokens]
                 token_rows = torch.cat([token_rows, extra]).sort().values
-        started = time.perf_counter()
-        try:
-            # Two switches: CpuLinear's arrangements (and packing), and a restricted output head.
-            with cpu_linear.active(token_rows, is_token.numel()), output_vocab.restricted():
-                logits = self._run(input_ids, positions, mask[:, None], all_logits)
-        finally:
-            self.cache.layout = None
-        if all_logits:
-            if token_rows is not None and logits.shape[:2] == (1, len(token_rows)):
-                logits = logits[0]  # the head computed only the rows it was given
-                if len(token_rows) > n_tokens:
-                    logits = logits[real[token_rows]]
-            else:  # the head saw the padding too: drop it
-                logits = logits.reshape(-1, logits.shape[-1])
-                if n_tokens != logits.shape[0]:
-                    logits = logits[is_token.flatten()]
-        logits = logits[..., : self.vocab_limit]
-        if self.banned is not None:
-            logits[..., self.banned[self.banned < logits.shape[-1]]] = self._mask_min
-        if logits.is_cuda:
-            torch.cuda.synchronize(logits.device)  # so the time is the forward's, not the next sync's
-        self.forward_seconds += time.perf_counter() - started
-        self.forward_calls += 1
-        return logits
+        # Two switches: CpuLinear's arrangements (and packing), and a restricted output head.
+        with cpu_linear.active(token_rows, is_token.numel()), output_vocab.restricted():
+            logits = self._run(input_ids, positions, mask[:, None], all_logits)
+        if not all_logits:
+            return logits[:, -1]
+        if token_rows is not None and logits.shape[:2] == (1, len(token_rows)):
+            logits = logits[0]  # the head computed only the rows it was given
+            if len(token_rows) > n_tokens:
+                logits = logits[real[token_rows]]
+            return logits
+        logits = logits.reshape(-1, logits.shape[-1])  # the head saw the padding too: drop it
+        return logits[is_token.flatten()] if n_tokens != logits.shape[0] else logits
 
     def _run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, all_logits: bool

@@ -1,0 +1,192 @@
+"""A Llama-family decoder stack computed directly over the runner's token rows.
+
+Transformers' forward is general: masks built per call, module hooks, a cache interface, a padded
+[B, Q] batch carried through every layer. On a CPU at decoding shapes that generality costs as much
+as the arithmetic: a step of SmolLM2-135M took 24 ms in transformers and 16.6 ms as a plain loop
+over the same weights and kernels, and the 5-layer draft 2.6 ms against 1.1 ms. So for the models
+whose layers are plain Llama layers (Llama, Mistral, Qwen2 without sliding windows), the runner
+computes the stack here instead, with the model's own weights:
+
+- every product runs over the batch's tokens only, as one [tokens, hidden] matrix: no padding, and
+  nothing to pack or unpack around each layer;
+- q/k/v and gate/up each run as one product (one oneDNN copy of the concatenated weights, where
+  CpuLinear's kernels apply; the layers' own copies are then dropped, so memory does not grow);
+- only attention sees the batch's structure: the queries are laid out [B, heads, Q, head_dim]
+  (padded only when sequences feed different counts) over the slot cache's keys and values.
+
+Rotary embeddings, norms' epsilons and the output head are the model's own modules and settings, so
+rope scaling variants and restricted draft heads work unchanged. tests/test_llama_forward.py holds
+the stack to transformers' logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from scheduler import cpu_linear
+from scheduler.kv_cache import SlotKVCache
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether `model` is a decoder whose layers this stack computes exactly as transformers does."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if config is None or inner is None or getattr(config, "model_type", None) not in MODEL_TYPES:
+        return False
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    # Only the module layout this stack reads (Qwen3's q/k norms or Gemma's scaled norms would differ).
+    wanted = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+    attention = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    mlp = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+    for layer in inner.layers:
+        children = {name for name, _ in layer.named_children()}
+        if children != wanted:
+            return False
+        if {name for name, _ in layer.self_attn.named_children()} != attention:
+            return False
+        if {name for name, _ in layer.mlp.named_children()} != mlp:
+            return False
+    return True
+
+
+def _product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(linear, cpu_linear.CpuLinear):
+        return linear._product(x)
+    return F.linear(x, linear.weight, linear.bias)
+
+
+class _Joined:
+    """Several projections of one input, as one product where oneDNN runs them (else one each)."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        self.linears = linears
+        self.sizes = [linear.weight.shape[0] for linear in linears]
+        weights = [linear.weight for linear in linears]
+        self.onednn = None
+        if all(isinstance(linear, cpu_linear.CpuLinear) for linear in linears):
+            self.onednn = cpu_linear.onednn_weight(torch.cat(weights))
+        self.bias = None
+        if self.onednn is not None:
+            if any(linear.bias is not None for linear in linears):
+                biases = [linear.bias for linear in linears]
+                self.bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for b, w in zip(biases, weights)])
+            for linear in linears:  # this copy replaces theirs: a runner's forward never reads them now
+                linear.onednn = None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.onednn is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            return list(cpu_linear.onednn_product(x, self.onednn, self.bias).split(self.sizes, dim=-1))
+        return [_product(linear, x) for linear in self.linears]
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: _Joined
+    o_proj: nn.Module
+    post_norm: torch.Tensor
+    gate_up: _Joined
+    down_proj: nn.Module
+    eps: float
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The token rows of one forward and how attention groups them, from the runner."""
+
+    input_ids: torch.Tensor  # [N] the tokens, item after item
+    positions: torch.Tensor  # [N] each token's position in its sequence
+    items: int  # B sequences
+    width: int  # Q: the most tokens one item feeds
+    query_rows: torch.Tensor | None  # [N] row of each token in the [B * Q] query layout; None: all items feed Q
+    mask: torch.Tensor  # [B, 1, Q, kv_len] bool: which keys each query sees
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalised in float32, scaled in the model's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaForward:
+    """The decoder stack of one model (see the module's docstring); the model keeps its weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not supports(model):
+            raise ValueError(f"{type(model).__name__} is not a plain Llama-family decoder")
+        self.model = model
+        inner = model.model
+        attention = inner.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.scaling = attention.scaling
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_layernorm.weight,
+                qkv=_Joined([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                o_proj=layer.self_attn.o_proj,
+                post_norm=layer.post_attention_layernorm.weight,
+                gate_up=_Joined([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                down_proj=layer.mlp.down_proj,
+                eps=layer.input_layernorm.variance_epsilon,
+            )
+            for layer in inner.layers
+        ]
+
+    def hidden(self, batch: Batch, cache: SlotKVCache) -> torch.Tensor:
+        """[N, hidden] final-normed hidden states of every token; writes their keys and values to
+        `cache`, whose layout the runner prepared (write_slots/write_positions: [N])."""
+        inner = self.model.model
+        x = inner.embed_tokens(batch.input_ids)
+        cos, sin = inner.rotary_emb(x, batch.positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, head_dim]: one per token, shared by heads
+        n, d = x.shape[0], self.head_dim
+        q_size = self.num_heads * d
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, layer.eps)
+            q, k, v = layer.qkv(h)
+            # Queries and keys turn together: one rotation for both.
+            qk = _rotate(torch.cat((q, k), dim=-1).view(n, -1, d), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            cache.write(index, k, v.view(n, self.num_kv_heads, d))
+            keys, values = cache.read(index)
+            attended = self._attention(q, keys, values, batch).reshape(n, q_size)
+            x = x + _product(layer.o_proj, attended)
+            h = _rms_norm(x, layer.post_norm, layer.eps)
+            gate, up = layer.gate_up(h)
+            x = x + _product(layer.down_proj, F.silu(gate) * up)
+        return inner.norm(x)
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """[N, heads, head_dim] queries over [B, kv_heads, kv_len, head_dim] keys/values -> [N, heads, head_dim]."""
+        b, width, heads, d = batch.items, batch.width, self.num_heads, self.head_dim
+        if batch.query_rows is not None:  # items feed different counts: lay them out padded
+            padded = q.new_zeros(b * width, heads, d)
+            padded.index_copy_(0, batch.query_rows, q)
+            q = padded
+        queries = q.view(b, width, heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=batch.mask, scale=self.scaling, enable_gqa=heads != keys.shape[1]
+        )
+        out = out.transpose(1, 2).reshape(b * width, heads, d)
+        if batch.query_rows is not None:
+            out = out.index_select(0, batch.query_rows)
+        return out

@@ -1,0 +1,123 @@
+"""The runner's Llama stack (scheduler/llama_forward.py) against transformers' own forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from scheduler import llama_forward
+from scheduler.model_runner import CausalLMRunner, ForwardItem
+
+SHAPE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.3,
+)
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE)),
+    # Biases on q/k/v and a scaled rope: the parts of the family that differ from plain Llama.
+    "llama-bias-rope3": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **SHAPE,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    ),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=False)),
+}
+
+
+def _pair(family: str, dtype: torch.dtype = torch.float32):
+    """A model for the runner and an untouched copy that transformers runs alone."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval().to(dtype)
+    return model, copy.deepcopy(model)
+
+
+def _reference(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_stack_computes_transformers_logits(family):
+    model, stock = _pair(family)
+    runner = CausalLMRunner(model, num_slots=4, max_len=64)
+    assert runner.stack is not None
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4, 14)]
+    slots = [3, 0, 1]  # not contiguous: attention gathers the live rows
+    cut = [6, 1, 10]
+    # A prefill of different lengths, every row's logits.
+    got = runner.token_logits([ForwardItem(slot, 0, seq[:c]) for slot, seq, c in zip(slots, seqs, cut)])
+    want = torch.cat([_reference(stock, seq[:c]) for seq, c in zip(seqs, cut)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Each sequence goes on by a different count over its cache: the last row's logits.
+    got = runner.next_token_logits([ForwardItem(slot, c, seq[c:]) for slot, seq, c in zip(slots, seqs, cut)])
+    want = torch.stack([_reference(stock, seq)[-1] for seq in seqs])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # One token each, contiguous slots (a view of the cache), with run_as adding rows.
+    runner.run_as = [0, 1, 4, 4, 4]
+    items = [ForwardItem(0, len(seqs[1]), [7]), ForwardItem(1, len(seqs[2]), [8])]
+    got = runner.next_token_logits(items)
+    want = torch.stack([_reference(stock, seqs[1] + [7])[-1], _reference(stock, seqs[2] + [8])[-1]])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bfloat16_stack_stays_near_transformers():
+    model, stock = _pair("llama", torch.bfloat16)
+    runner = CausalLMRunner(model, num_slots=2, max_len=64)
+    assert runner.stack is not None
+    torch.manual_seed(2)
+    seq = torch.randint(0, 300, (12,)).tolist()
+    runner.next_token_logits([ForwardItem(1, 0, seq[:8])])
+    got = runner.next_token_logits([ForwardItem(1, 8, seq[8:])])[0].float()
+    want = _reference(stock, seq)[-1]
+    # bfloat16 keeps 8 bits of mantissa: a few units of its last place over the logits' range.
+    # (Random weights leave near ties, so argmaxes may differ.)
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_the_joined_products_replace_the_layers_own_onednn_copies():
+    model, _ = _pair("llama")
+    runner = CausalLMRunner(model, num_slots=1, max_len=32)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    layer, attention = runner.stack.layers[0], model.model.layers[0].self_attn
+    assert layer.qkv.onednn is not None and layer.gate_up.onednn is not None
+    assert attention.q_proj.onednn is None and model.model.layers[0].mlp.up_proj.onednn is None
+    assert attention.o_proj.onednn is not None  # products of their own keep their copies
+
+
+def test_only_plain_llama_layers_take_the_stack():
+    assert llama_forward.supports(FAMILIES["qwen2"]())
+    # Qwen3 normalises queries and keys: a module the stack does not compute.
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=16))
+    assert not llama_forward.supports(qwen3)
+    assert CausalLMRunner(qwen3, num_slots=1, max_len=32).stack is None
