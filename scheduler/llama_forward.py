@@ -108,11 +108,13 @@ class Batch:
     items: int  # B sequences
     width: int  # Q: the most tokens one item feeds
     query_rows: torch.Tensor | None  # [N] row of each token in the [B * Q] query layout; None: all items feed Q
-    mask: torch.Tensor  # [B, 1, Q, kv_len] bool: which keys each query sees
+    mask: torch.Tensor  # [B, 1, Q, kv_len] additive: 0 where a query sees a key, the dtype's minimum elsewhere
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalised in float32, scaled in the model's dtype."""
+    if x.dtype == torch.float32:  # the same arithmetic as one kernel
+        return F.rms_norm(x, weight.shape, weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)

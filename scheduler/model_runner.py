@@ -115,7 +115,7 @@ class CausalLMRunner:
         starts = torch.tensor([item.start for item in items], device=device)
         slots = torch.tensor([item.slot for item in items], device=device)
         width = int(lengths.max())
-        item_of_row = torch.repeat_interleave(torch.arange(len(items), device=device), lengths)
+        item_of_row = torch.tensor([i for i, item in enumerate(items) for _ in item.tokens], device=device)
         ends = lengths.cumsum(0)
         column = torch.arange(rows, device=device) - (ends - lengths)[item_of_row]  # index within the item
         positions = starts[item_of_row] + column
@@ -123,7 +123,9 @@ class CausalLMRunner:
         # Query j of an item sees its keys 0..start+j. Queries past an item's own tokens (padding, where
         # items feed different counts) see as many, which are finite, and are never read.
         query_positions = starts[:, None] + torch.arange(width, device=device)[None, :]  # [B, Q]
-        mask = torch.arange(kv_len, device=device)[None, None, :] <= query_positions[:, :, None]
+        visible = torch.arange(kv_len, device=device)[None, None, :] <= query_positions[:, :, None]
+        # Additive, as attention would otherwise convert a boolean mask in every layer.
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=device).masked_fill_(~visible, self._mask_min)
         first = items[0].slot
         contiguous = all(item.slot == first + i for i, item in enumerate(items))
         self.cache.prepare(
