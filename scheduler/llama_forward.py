@@ -83,7 +83,7 @@ class _Joined:
                 linear.onednn = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.onednn is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        if self.onednn is not None and x.dtype == self.onednn.dtype and x.device.type == "cpu":
             return list(cpu_linear.onednn_product(x, self.onednn, self.bias).split(self.sizes, dim=-1))
         return [_product(linear, x) for linear in self.linears]
 

@@ -58,7 +58,7 @@ class CausalLMRunner:
         self.forward_seconds = 0.0  # wall time in model forwards, for the overhead profile
         self.forward_calls = 0
         self.kv_bucket = 128 if self.device.type == "cuda" else 16
-        # Products leave the padding out only where CpuLinear runs them (float32 on a CPU).
+        # Products leave the padding out only where CpuLinear runs them (on a CPU: see cpu_linear.install).
         self.pack = cpu_linear.install(model) > 0
         # Llama-family decoders run as a plain layer stack (llama_forward.py), others in transformers.
         self.stack = llama_forward.LlamaForward(model) if llama_forward.supports(model) else None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from scheduler import cpu_linear
+from scheduler import cpu_linear, precision
 
 
 class TwoLayers(nn.Module):
@@ -66,16 +66,27 @@ def test_a_packed_forward_computes_only_the_rows_it_is_given() -> None:
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_only_float32_cpu_weights_are_reordered() -> None:
+def test_float32_and_native_bfloat16_weights_are_reordered() -> None:
+    torch.manual_seed(0)
     weight = torch.randn(40, 24)
-    assert cpu_linear.onednn_weight(weight.bfloat16()) is None
     assert cpu_linear.onednn_weight(weight.double()) is None
-    if torch.backends.mkldnn.is_available():
-        reordered = cpu_linear.onednn_weight(weight)
-        x = torch.randn(5, 24, dtype=torch.bfloat16)
-        # Input that is not float32 takes the other kernel rather than failing in oneDNN's.
-        out = cpu_linear.product(weight.bfloat16(), x, reordered)
-        assert out.dtype == torch.bfloat16 and out.shape == (5, 40)
+    assert cpu_linear.onednn_weight(weight.half()) is None
+    if not torch.backends.mkldnn.is_available():
+        return
+    assert cpu_linear.reorders(torch.bfloat16) == precision.native_bfloat16()
+    reordered = cpu_linear.onednn_weight(weight)
+    assert reordered is not None
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    # Input of another dtype takes the other kernel rather than failing in oneDNN's.
+    out = cpu_linear.product(weight.bfloat16(), x, reordered)
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 40)
+    reordered16 = cpu_linear.onednn_weight(weight.bfloat16())
+    assert (reordered16 is not None) == precision.native_bfloat16()
+    if reordered16 is not None:
+        out = cpu_linear.product(weight.bfloat16(), x, reordered16)
+        want = x.float() @ weight.bfloat16().float().T
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
 def test_a_copied_model_reorders_its_own_weights() -> None:
