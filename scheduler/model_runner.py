@@ -119,31 +119,17 @@ class CausalLMRunner:
         ends = lengths.cumsum(0)
         column = torch.arange(rows, device=device) - (ends - lengths)[item_of_row]  # index within the item
         positions = starts[item_of_row] + column
-        kv_len = min(self.cache.max_len, -(-int((starts + lengths).max()) // self.kv_bucket) * self.kv_bucket)
+        kv_len = self._prepare_cache(items, slots, starts + lengths, slots[item_of_row], positions)
         # Query j of an item sees its keys 0..start+j. Queries past an item's own tokens (padding, where
         # items feed different counts) see as many, which are finite, and are never read.
         query_positions = starts[:, None] + torch.arange(width, device=device)[None, :]  # [B, Q]
-        visible = torch.arange(kv_len, device=device)[None, None, :] <= query_positions[:, :, None]
-        # Additive, as attention would otherwise convert a boolean mask in every layer.
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=device).masked_fill_(~visible, self._mask_min)
-        first = items[0].slot
-        contiguous = all(item.slot == first + i for i, item in enumerate(items))
-        self.cache.prepare(
-            BatchLayout(
-                slots=slots,
-                write_slots=slots[item_of_row],
-                write_positions=positions,
-                kv_len=kv_len,
-                contiguous=slice(first, first + len(items)) if contiguous else None,
-            )
-        )
         batch = llama_forward.Batch(
             input_ids=torch.tensor([t for item in items for t in item.tokens], device=device),
             positions=positions,
             items=len(items),
             width=width,
             query_rows=None if bool((lengths == width).all()) else item_of_row * width + column,
-            mask=mask[:, None],
+            mask=self._mask(query_positions, kv_len),
         )
         with cpu_linear.active(), output_vocab.restricted():
             hidden = self.stack.hidden(batch, self.cache)
@@ -173,26 +159,12 @@ class CausalLMRunner:
         for row, item in enumerate(items):
             input_ids[row, width - len(item.tokens) :] = torch.tensor(item.tokens, device=device)
 
-        # Rounding the attended length up to a bucket keeps the set of shapes small, so CUDA kernels
-        # are chosen once per bucket rather than once per token; the extra positions are masked.
-        kv_len = min(self.cache.max_len, -(-int((starts + lengths).max()) // self.kv_bucket) * self.kv_bucket)
+        write_slots = torch.where(is_token, slots[:, None], self.cache.scratch_slot)
+        write_positions = torch.where(is_token, positions, column[None, :])
+        kv_len = self._prepare_cache(items, slots, starts + lengths, write_slots, write_positions)
         # Query at position p sees keys 0..p of its own row; a padding query sees key 0 only, which
         # is always written, so no row of the softmax is empty.
-        visible = torch.arange(kv_len, device=device)[None, None, :] <= positions[:, :, None]  # [B, Q, K]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=device)
-        mask.masked_fill_(~visible, self._mask_min)
-
-        first = items[0].slot
-        contiguous = all(item.slot == first + i for i, item in enumerate(items))
-        self.cache.prepare(
-            BatchLayout(
-                slots=slots,
-                write_slots=torch.where(is_token, slots[:, None], self.cache.scratch_slot),
-                write_positions=torch.where(is_token, positions, column[None, :]),
-                kv_len=kv_len,
-                contiguous=slice(first, first + len(items)) if contiguous else None,
-            )
-        )
+        mask = self._mask(positions, kv_len)
         # Leave the padding out of the products (but for the rows `run_as` adds): a row that feeds
         # one token then costs one token, however wide the widest row is.
         token_rows = real = None
@@ -204,7 +176,7 @@ class CausalLMRunner:
                 token_rows = torch.cat([token_rows, extra]).sort().values
         # Two switches: CpuLinear's arrangements (and packing), and a restricted output head.
         with cpu_linear.active(token_rows, is_token.numel()), output_vocab.restricted():
-            logits = self._run(input_ids, positions, mask[:, None], all_logits)
+            logits = self._run(input_ids, positions, mask, all_logits)
         if not all_logits:
             return logits[:, -1]
         if token_rows is not None and logits.shape[:2] == (1, len(token_rows)):
@@ -214,6 +186,39 @@ class CausalLMRunner:
             return logits
         logits = logits.reshape(-1, logits.shape[-1])  # the head saw the padding too: drop it
         return logits[is_token.flatten()] if n_tokens != logits.shape[0] else logits
+
+    def _prepare_cache(
+        self,
+        items: list[ForwardItem],
+        slots: torch.Tensor,
+        ends: torch.Tensor,
+        write_slots: torch.Tensor,
+        write_positions: torch.Tensor,
+    ) -> int:
+        """Lay the cache out for this batch (see BatchLayout); return how many positions it attends over."""
+        # Rounding the attended length up to a bucket keeps the set of shapes small, so CUDA kernels
+        # are chosen once per bucket rather than once per token; the extra positions are masked.
+        kv_len = min(self.cache.max_len, -(-int(ends.max()) // self.kv_bucket) * self.kv_bucket)
+        first = items[0].slot
+        contiguous = all(item.slot == first + i for i, item in enumerate(items))
+        self.cache.prepare(
+            BatchLayout(
+                slots=slots,
+                write_slots=write_slots,
+                write_positions=write_positions,
+                kv_len=kv_len,
+                contiguous=slice(first, first + len(items)) if contiguous else None,
+            )
+        )
+        return kv_len
+
+    def _mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """[B, 1, Q, kv_len] additive mask: the query at position p sees keys 0..p of its own row.
+
+        Additive rather than boolean, as attention would otherwise convert it in every layer."""
+        visible = torch.arange(kv_len, device=positions.device)[None, None, :] <= positions[:, :, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=positions.device)
+        return mask.masked_fill_(~visible, self._mask_min)[:, None]
 
     def _run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, all_logits: bool
