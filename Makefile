@@ -37,9 +37,9 @@ proto: setup
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/bild/v1/bild.proto
 
 # The headline: tokens/s through the gRPC server at 1 to 64 streams, modes large, exact and bild,
-# beside the engine alone at batch 1 (bench/results/serving.md; about 30 minutes on 2 cores). Then
+# beside the engine alone at batch 1 (bench/results/serving.md; about 10 minutes on 2 cores). Then
 # the comparison with transformers (generate, assisted generation) and the bild threshold sweep
-# (bench/results/compare.md and a Pareto plot).
+# (bench/results/compare.md and a Pareto plot; about 8 minutes more).
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/serving.py --out bench/results/serving.md $(ARGS)
