@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import EncoderDecoderCache, PreTrainedModel
 
+from scheduler import cpu_linear
 from scheduler.kv_cache import BatchLayout, SlotKVCache
 from scheduler.model_runner import CausalLMRunner
 
@@ -153,7 +154,10 @@ class Seq2SeqRunner(CausalLMRunner):
         started = time.perf_counter()
         device, n = self.device, len(source)
         ids = torch.tensor([source], device=device)
-        states = self.model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        # The encoder's products get the CPU's fast kernels too (cpu_linear): stock F.linear took 106
+        # ms over a 64-token source for flan-t5-base's shape, against 41 ms.
+        with cpu_linear.active():
+            states = self.model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         # One decoder step over the start token makes every cross-attention layer project the encoder
         # states through its own weights and write them to the slot (the model's code, whatever the
         # family). Its self-attention key goes to the scratch slot; the decoder stack's output is
@@ -172,7 +176,7 @@ class Seq2SeqRunner(CausalLMRunner):
             )
         )
         try:
-            with self._per_row_positions(torch.zeros((1, 1), dtype=torch.long, device=device)):
+            with cpu_linear.active(), self._per_row_positions(torch.zeros((1, 1), dtype=torch.long, device=device)):
                 self.model.get_decoder()(
                     input_ids=torch.tensor([[self.decoder_start_token_id]], device=device),
                     attention_mask=torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=device),
