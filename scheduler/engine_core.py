@@ -79,6 +79,15 @@ def build_scheduler(pair: ModelPair, config: SchedulerConfig, cost_profile: str 
     config = replace(config, max_seq_len=min(config.max_seq_len, pair.context_length))
     large = runner(pair.large, config)
     small = runner(pair.small, config) if pair.small is not None else None
+    for name, model in (("large", large), ("small", small)):
+        if config.invariant_kernels and model is not None and not model.invariant:
+            log.warning(
+                "invariant kernels: the %s model (%s on %s) does not run on bild's Llama stack, so its "
+                "logits may still round differently by batch",
+                name,
+                model.model.config.model_type,
+                model.device,
+            )
     costs = profile.load(Path(cost_profile)) if cost_profile and small is not None else None
     return Scheduler(small, large, config, pair.eos_token_ids, costs)
 
@@ -87,7 +96,7 @@ def runner(model, config: SchedulerConfig) -> CausalLMRunner:
     """The runner for one model of the pair; an encoder-decoder's sources may be as long as a context."""
     if model.config.is_encoder_decoder:
         return Seq2SeqRunner(model, config.max_num_seqs, config.max_seq_len, config.max_seq_len)
-    return CausalLMRunner(model, config.max_num_seqs, config.max_seq_len)
+    return CausalLMRunner(model, config.max_num_seqs, config.max_seq_len, config.invariant_kernels)
 
 
 class _Inbox:

@@ -14,6 +14,18 @@ computes the stack here instead, with the model's own weights:
 - only attention sees the batch's structure: the queries are laid out [B, heads, Q, head_dim]
   (padded only when sequences feed different counts) over the slot cache's keys and values.
 
+**Batch-invariant kernels** (`invariant`, bild-server's `--invariant-kernels`). A token's logits
+can come out rounded differently by where it was computed: alone or beside other tokens, in a
+forward over one row or several. Where two candidate tokens are that close, greedy decoding then
+depends on the load, and exact mode, whose checks compute several tokens in one forward, can part
+from large mode, which computes one: seldom in float32, often in bfloat16 (62% of positions equal
+in a measurement). Most of the stack's kernels already round each row alike at every batch shape
+(oneDNN's products, norms, element-wise operations; measured on this torch). With `invariant`,
+attention runs as batched products (`_invariant_attention`) instead of SDPA, and a product whose
+one-row kernel rounds differently from its several-row one (probed at load; here SmolLM2's
+down_proj, over 1,536 features) takes a lone row twice: a token's logits are then the same bit for
+bit at any load and in every mode. It costs some speed (see README).
+
 Rotary embeddings, norms' epsilons and the output head are the model's own modules and settings, so
 rope scaling variants and restricted draft heads work unchanged. tests/test_llama_forward.py holds
 the stack to transformers' logits.
@@ -21,16 +33,20 @@ the stack to transformers' logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scheduler import cpu_linear
+from scheduler import cpu_linear, output_vocab
 from scheduler.kv_cache import SlotKVCache
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Batch-invariant kernels: below this, CPU products run on other kernels, rounded differently.
+MIN_GEMM_ROWS = 4  # rows of each matrix in attention's batched products
 
 
 def supports(model: nn.Module) -> bool:
@@ -62,6 +78,23 @@ def _product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(linear, cpu_linear.CpuLinear):
         return linear._product(x)
     return F.linear(x, linear.weight, linear.bias)
+
+
+def _one_row_apart(product: Callable, features: int, dtype: torch.dtype, probes: int = 128) -> bool:
+    """Whether `product` (as a runner's forward runs it) rounds a row alone differently from the
+    same row among others. In bfloat16 the difference shows in a few rows in a hundred (the output's
+    rounding hides most), hence many probes."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(probes, features, generator=generator).to(dtype)
+    with torch.inference_mode(), cpu_linear.active(), output_vocab.restricted():
+        among = product(x)
+        among = torch.cat(among, dim=-1) if isinstance(among, list) else among
+        for i in range(probes):
+            alone = product(x[i : i + 1])
+            alone = torch.cat(alone, dim=-1) if isinstance(alone, list) else alone
+            if not torch.equal(alone[0], among[i]):
+                return True
+    return False
 
 
 class _Joined:
@@ -129,10 +162,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class LlamaForward:
     """The decoder stack of one model (see the module's docstring); the model keeps its weights."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, invariant: bool = False) -> None:
         if not supports(model):
             raise ValueError(f"{type(model).__name__} is not a plain Llama-family decoder")
         self.model = model
+        self.invariant = invariant and next(model.parameters()).device.type == "cpu"
         inner = model.model
         attention = inner.layers[0].self_attn
         self.head_dim = attention.head_dim
@@ -152,6 +186,28 @@ class LlamaForward:
             )
             for layer in inner.layers
         ]
+        # Products whose one-row kernel rounds differently from their several-row one (all layers
+        # share the first one's shapes): under `invariant` they take a lone row twice.
+        self.one_row_apart: set[str] = set()
+        if self.invariant:
+            first = self.layers[0]
+            products = {
+                "qkv": (first.qkv, config.hidden_size),
+                "o": (partial(_product, first.o_proj), self.num_heads * self.head_dim),
+                "gate_up": (first.gate_up, config.hidden_size),
+                "down": (partial(_product, first.down_proj), config.intermediate_size),
+                "head": (model.get_output_embeddings(), config.hidden_size),
+            }
+            dtype = next(model.parameters()).dtype
+            apart = {name for name, (product, features) in products.items() if _one_row_apart(product, features, dtype)}
+            self.one_row_apart = apart
+
+    def rows(self, name: str, product: Callable, x: torch.Tensor):
+        """product(x), over two copies of a lone row where the `name` product needs that (see one_row_apart)."""
+        if x.shape[0] != 1 or name not in self.one_row_apart:
+            return product(x)
+        out = product(torch.cat([x, x]))
+        return [o[:1] for o in out] if isinstance(out, list) else out[:1]
 
     def hidden(self, batch: Batch, cache: SlotKVCache) -> torch.Tensor:
         """[N, hidden] final-normed hidden states of every token; writes their keys and values to
@@ -162,23 +218,73 @@ class LlamaForward:
         cos, sin = cos[0, :, None], sin[0, :, None]  # [N, 1, head_dim]: one per token, shared by heads
         n, d = x.shape[0], self.head_dim
         q_size = self.num_heads * d
+        if self.invariant:
+            batch = self._invariant_layout(batch)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, layer.eps)
-            q, k, v = layer.qkv(h)
+            q, k, v = self.rows("qkv", layer.qkv, h)
             # Queries and keys turn together: one rotation for both.
             qk = _rotate(torch.cat((q, k), dim=-1).view(n, -1, d), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             cache.write(index, k, v.view(n, self.num_kv_heads, d))
             keys, values = cache.read(index)
             attended = self._attention(q, keys, values, batch).reshape(n, q_size)
-            x = x + _product(layer.o_proj, attended)
+            x = x + self.rows("o", partial(_product, layer.o_proj), attended)
             h = _rms_norm(x, layer.post_norm, layer.eps)
-            gate, up = layer.gate_up(h)
-            x = x + _product(layer.down_proj, F.silu(gate) * up)
+            gate, up = self.rows("gate_up", layer.gate_up, h)
+            x = x + self.rows("down", partial(_product, layer.down_proj), F.silu(gate) * up)
         return inner.norm(x)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         """[N, heads, head_dim] queries over [B, kv_heads, kv_len, head_dim] keys/values -> [N, heads, head_dim]."""
+        if self.invariant:
+            return self._invariant_attention(q, keys, values, batch)
+        return self._sdpa(q, keys, values, batch)
+
+    def _invariant_layout(self, batch: Batch) -> Batch:
+        """The batch as _invariant_attention lays it out, once for every layer: each item's queries
+        padded to `rows` (MIN_GEMM_ROWS or more per matrix), `query_rows` into that layout, and the
+        mask [B, 1, rows, 1, kv_len] in float32 (padding rows repeat the last one)."""
+        width, group = batch.width, self.num_heads // self.num_kv_heads
+        rows = max(width, -(-MIN_GEMM_ROWS // group))
+        index = batch.query_rows
+        if index is None:
+            index = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        mask = batch.mask.float()
+        if rows > width:
+            mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, rows - width, -1)], dim=2)
+        return replace(batch, width=rows, query_rows=(index // width) * rows + index % width, mask=mask[:, :, :, None])
+
+    def _invariant_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        """Attention as two batched products per sequence and key head, in float32.
+
+        SDPA's CPU kernel divides its work by the shape of the whole batch (in float32 a query came
+        out 3e-7 apart alone and among 8), where a batch of products rounds each of its matrices the
+        same whatever else the batch holds, if every matrix has MIN_GEMM_ROWS rows or more and there
+        are two matrices at least (fewer run on other kernels). `batch` is laid out by _invariant_layout.
+        """
+        b, rows, heads, d = batch.items, batch.width, self.num_heads, self.head_dim
+        kv_heads, kv_len, dtype = keys.shape[1], keys.shape[2], q.dtype
+        group = heads // kv_heads
+        padded = q.new_zeros(b * rows, heads, d, dtype=torch.float32)
+        padded.index_copy_(0, batch.query_rows, q.float() * self.scaling)
+        # [b, rows, kv_heads, group, d] -> [b * kv_heads, rows * group, d]: one matrix per sequence and key head.
+        queries = padded.view(b, rows, kv_heads, group, d).transpose(1, 2).reshape(b * kv_heads, rows * group, d)
+        keys = keys.float().reshape(b * kv_heads, kv_len, d)
+        values = values.float().reshape(b * kv_heads, kv_len, d)
+        twice = b * kv_heads == 1
+        if twice:
+            queries, keys, values = torch.cat([queries, queries]), torch.cat([keys, keys]), torch.cat([values, values])
+        scores = torch.bmm(queries, keys.transpose(1, 2))[: b * kv_heads].view(b, kv_heads, rows, group, kv_len)
+        weights = torch.softmax(scores + batch.mask, dim=-1).view(b * kv_heads, rows * group, kv_len)
+        if twice:
+            weights = torch.cat([weights, weights])
+        out = torch.bmm(weights, values)[: b * kv_heads].view(b, kv_heads, rows, group, d)
+        return out.transpose(1, 2).reshape(b * rows, heads, d).index_select(0, batch.query_rows).to(dtype)
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         b, width, heads, d = batch.items, batch.width, self.num_heads, self.head_dim
         dtype, mask = q.dtype, batch.mask
         if q.device.type == "cpu" and dtype != torch.float32:

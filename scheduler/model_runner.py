@@ -30,7 +30,8 @@ class ForwardItem:
 class CausalLMRunner:
     """Batched forwards of a decoder-only Hugging Face model over a SlotKVCache."""
 
-    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int) -> None:
+    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int, invariant: bool = False) -> None:
+        """`invariant`: batch-invariant kernels (see llama_forward), for models the stack computes."""
         self.model = model
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -61,7 +62,8 @@ class CausalLMRunner:
         # Products leave the padding out only where CpuLinear runs them (on a CPU: see cpu_linear.install).
         self.pack = cpu_linear.install(model) > 0
         # Llama-family decoders run as a plain layer stack (llama_forward.py), others in transformers.
-        self.stack = llama_forward.LlamaForward(model) if llama_forward.supports(model) else None
+        self.stack = llama_forward.LlamaForward(model, invariant) if llama_forward.supports(model) else None
+        self.invariant = self.stack is not None and self.stack.invariant
         # run_as[n]: a forward over n tokens computes this many rows (n, or more where the CPU's
         # kernels happen to be faster at the larger count). Set from the measured cost profile
         # (scheduler/profile.py); empty: n rows.
@@ -134,7 +136,7 @@ class CausalLMRunner:
         with cpu_linear.active(), output_vocab.restricted():
             hidden = self.stack.hidden(batch, self.cache)
             wanted = hidden[:n_tokens] if all_logits else hidden[ends[: len(items) - (rows > n_tokens)] - 1]
-            return self.model.get_output_embeddings()(wanted)
+            return self.stack.rows("head", self.model.get_output_embeddings(), wanted)
 
     def _forward_padded(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
         """Transformers' forward over a left-padded batch: every row's last token sits in the last

@@ -13,7 +13,9 @@ token than in one over several, or beside other sequences; a float32 difference 
 logits by about 1e-4 and seldom decides a greedy choice, a bfloat16 one by up to 0.7 and often
 does. So in bfloat16, greedy output depends on how tokens were batched: mode `exact` equals mode
 `large` only up to rounding (in those measurements, at 62% to 75% of the positions of 64-token chat
-answers at one stream), and `large` itself varies with the load. float32 stays the default.
+answers at one stream), and `large` itself varies with the load. Batch-invariant kernels
+(`--invariant-kernels`, llama_forward.py) round every token alike however it is batched, which
+makes bfloat16 exact again on such a CPU, for some of its speed. float32 stays the default.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ def native_bfloat16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def advice(device: str, dtype: str, native: bool | None = None) -> str | None:
+def advice(device: str, dtype: str, native: bool | None = None, invariant: bool = False) -> str | None:
     """A line for the log when `dtype` on `device` is slow, inexact, or leaves speed unused; else None.
 
-    `native`: whether the CPU computes bfloat16 natively (detected when None).
+    `native`: whether the CPU computes bfloat16 natively (detected when None). `invariant`: the
+    server runs batch-invariant kernels (llama_forward.py), which make bfloat16 exact on such a CPU.
     """
     on_cpu = device == "cpu"
     if on_cpu and native is None:
@@ -41,9 +44,11 @@ def advice(device: str, dtype: str, native: bool | None = None) -> str | None:
         if on_cpu and native:
             return (
                 "this CPU computes bfloat16 natively: --dtype bfloat16 serves faster (mode large 1.3x to 1.8x, "
-                "mode exact 1.0x to 1.35x at 1 to 16 streams, measured on such a CPU), but mode exact then "
-                "matches mode large only up to bfloat16 rounding"
+                "mode exact 1.0x to 1.35x at 1 to 16 streams, measured on such a CPU); there mode exact "
+                "matches mode large only up to bfloat16 rounding, unless --invariant-kernels is on"
             )
+        return None
+    if on_cpu and dtype == "bfloat16" and native and invariant:
         return None
     inexact = f"in {dtype}, greedy output depends on batching: mode exact matches mode large only up to rounding"
     if on_cpu and dtype == "bfloat16" and not native:

@@ -107,6 +107,7 @@ def _key(runners: tuple[CausalLMRunner, CausalLMRunner], counts: list[int], max_
                 "dtype": str(runner.dtype),
                 "device": str(runner.device),
                 "pack": runner.pack,
+                "invariant": runner.invariant,
             }
         )
     machine = {

@@ -62,6 +62,9 @@ class SchedulerConfig:
     # Prompt tokens prefilled per iteration: a long prompt is fed in chunks across iterations, so it
     # delays the other streams by one chunk's forward at a time rather than by its whole prefill.
     max_prefill_tokens: int = 512
+    # Kernels whose rounding of a token does not depend on the batch around it (llama_forward.py):
+    # greedy output is then the same at any load, and exact equals large bit for bit.
+    invariant_kernels: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_tokens", "max_seq_len", "max_prefill_tokens"):

@@ -41,3 +41,11 @@ def test_bfloat16_notes_say_what_it_costs() -> None:
     for device, dtype in (("cuda", "bfloat16"), ("cuda", "float16"), ("cpu", "float16")):
         note = precision.advice(device, dtype, native=True)
         assert note is not None and "up to rounding" in note
+
+
+def test_invariant_kernels_make_bfloat16_exact_only_where_the_cpu_computes_it() -> None:
+    assert precision.advice("cpu", "bfloat16", native=True, invariant=True) is None
+    assert "--invariant-kernels" in precision.advice("cpu", "float32", native=True)
+    for device, native in (("cpu", False), ("cuda", True)):  # emulated, or not the stack's CPU kernels
+        note = precision.advice(device, "bfloat16", native=native, invariant=True)
+        assert note is not None and "up to rounding" in note
