@@ -125,10 +125,10 @@ class _Joined:
 class _Layer:
     input_norm: torch.Tensor
     qkv: _Joined
-    o_proj: nn.Module
+    o_proj: Callable[[torch.Tensor], torch.Tensor]
     post_norm: torch.Tensor
     gate_up: _Joined
-    down_proj: nn.Module
+    down_proj: Callable[[torch.Tensor], torch.Tensor]
     eps: float
 
 
@@ -178,10 +178,10 @@ class LlamaForward:
             _Layer(
                 input_norm=layer.input_layernorm.weight,
                 qkv=_Joined([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                o_proj=layer.self_attn.o_proj,
+                o_proj=partial(_product, layer.self_attn.o_proj),
                 post_norm=layer.post_attention_layernorm.weight,
                 gate_up=_Joined([layer.mlp.gate_proj, layer.mlp.up_proj]),
-                down_proj=layer.mlp.down_proj,
+                down_proj=partial(_product, layer.mlp.down_proj),
                 eps=layer.input_layernorm.variance_epsilon,
             )
             for layer in inner.layers
@@ -193,9 +193,9 @@ class LlamaForward:
             first = self.layers[0]
             products = {
                 "qkv": (first.qkv, config.hidden_size),
-                "o": (partial(_product, first.o_proj), self.num_heads * self.head_dim),
+                "o": (first.o_proj, self.num_heads * self.head_dim),
                 "gate_up": (first.gate_up, config.hidden_size),
-                "down": (partial(_product, first.down_proj), config.intermediate_size),
+                "down": (first.down_proj, config.intermediate_size),
                 "head": (model.get_output_embeddings(), config.hidden_size),
             }
             dtype = next(model.parameters()).dtype
@@ -229,10 +229,10 @@ class LlamaForward:
             cache.write(index, k, v.view(n, self.num_kv_heads, d))
             keys, values = cache.read(index)
             attended = self._attention(q, keys, values, batch).reshape(n, q_size)
-            x = x + self.rows("o", partial(_product, layer.o_proj), attended)
+            x = x + self.rows("o", layer.o_proj, attended)
             h = _rms_norm(x, layer.post_norm, layer.eps)
             gate, up = self.rows("gate_up", layer.gate_up, h)
-            x = x + self.rows("down", partial(_product, layer.down_proj), F.silu(gate) * up)
+            x = x + self.rows("down", layer.down_proj, F.silu(gate) * up)
         return inner.norm(x)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
