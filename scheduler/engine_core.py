@@ -80,7 +80,12 @@ def build_scheduler(pair: ModelPair, config: SchedulerConfig, cost_profile: str 
     large = runner(pair.large, config)
     small = runner(pair.small, config) if pair.small is not None else None
     for name, model in (("large", large), ("small", small)):
-        if config.invariant_kernels and model is not None and not model.invariant:
+        if not config.invariant_kernels or model is None:
+            continue
+        if model.invariant:
+            apart = ", ".join(sorted(model.stack.one_row_apart)) or "none"
+            log.info("invariant kernels for the %s model (products that take a lone row twice: %s)", name, apart)
+        else:
             log.warning(
                 "invariant kernels: the %s model (%s on %s) does not run on bild's Llama stack, so its "
                 "logits may still round differently by batch",

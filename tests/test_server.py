@@ -472,3 +472,17 @@ def test_a_request_that_does_not_parse_gets_invalid_argument(server, raw, what):
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # The server is unharmed.
     assert complete(server.target, "still here", max_new_tokens=4)[1]
+
+
+def test_invariant_kernels_reach_the_engine(tiny_dirs, server_args):
+    proc = start_server(
+        "--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--invariant-kernels", *server_args
+    )
+    try:
+        proc.wait_serving()
+        _, large, _ = complete(proc.target, "the same tokens", max_new_tokens=12, mode="large", ignore_eos=True)
+        _, exact, last = complete(proc.target, "the same tokens", max_new_tokens=12, mode="exact", ignore_eos=True)
+        assert exact == large and last.stats.small_tokens > 0
+        assert any("invariant kernels for the large model" in line for line in proc.log)
+    finally:
+        assert proc.stop() == 0
