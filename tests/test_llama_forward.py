@@ -48,6 +48,8 @@ FAMILIES = {
             },
         )
     ),
+    # One key/value head: attention's batched products hold one matrix per sequence.
+    "llama-mqa": lambda: LlamaForCausalLM(LlamaConfig(**{**SHAPE, "num_key_value_heads": 1})),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, use_sliding_window=False)),
 }
@@ -65,11 +67,12 @@ def _reference(model, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens])).logits[0].float()
 
 
+@pytest.mark.parametrize("invariant", [False, True], ids=["sdpa", "invariant"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_the_stack_computes_transformers_logits(family):
+def test_the_stack_computes_transformers_logits(family, invariant):
     model, stock = _pair(family)
-    runner = CausalLMRunner(model, num_slots=4, max_len=64)
-    assert runner.stack is not None
+    runner = CausalLMRunner(model, num_slots=4, max_len=64, invariant=invariant)
+    assert runner.stack is not None and runner.invariant == invariant
     torch.manual_seed(1)
     seqs = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4, 14)]
     slots = [3, 0, 1]  # not contiguous: attention gathers the live rows
@@ -88,6 +91,10 @@ def test_the_stack_computes_transformers_logits(family):
     got = runner.next_token_logits(items)
     want = torch.stack([_reference(stock, seqs[1] + [7])[-1], _reference(stock, seqs[2] + [8])[-1]])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # One sequence alone, two tokens.
+    runner.run_as = []
+    got = runner.token_logits([ForwardItem(3, len(seqs[0]), [9, 10])])
+    torch.testing.assert_close(got, _reference(stock, seqs[0] + [9, 10])[-2:], rtol=1e-4, atol=1e-4)
 
 
 def test_a_bfloat16_stack_stays_near_transformers():
@@ -140,11 +147,12 @@ def _logits_by_batching(model, invariant: bool) -> list[torch.Tensor]:
     return [one, together, beside, torch.cat(halves)]
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_invariant_kernels_give_a_token_the_same_logits_however_it_is_batched(dtype):
+def test_invariant_kernels_give_a_token_the_same_logits_however_it_is_batched(dtype, kv_heads):
     if not cpu_linear.reorders(dtype):
         pytest.skip(f"oneDNN does not run {dtype} here: its products are not batch-invariant")
-    shape = dict(SHAPE, hidden_size=192, intermediate_size=1536, num_attention_heads=6, num_key_value_heads=2)
+    shape = dict(SHAPE, hidden_size=192, intermediate_size=1536, num_attention_heads=6, num_key_value_heads=kv_heads)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**shape)).eval().to(dtype)
     one, *others = _logits_by_batching(model, invariant=True)
