@@ -134,7 +134,11 @@ def main() -> int:
     idle = load.get("running") == load.get("waiting") == load.get("reserved_tokens") == 0
     idle = idle and load.get("free_slots") == slots
     print(f"# Soak: {args.requests} requests, {args.concurrency} streams, {args.max_new_tokens} new tokens")
-    print(f"`python bench/soak.py -n {args.requests} -c {args.concurrency} --max-new-tokens {args.max_new_tokens}`\n")
+    server_args = f" --server-args {args.server_args!r}" if args.server_args else ""
+    print(
+        f"`python bench/soak.py -n {args.requests} -c {args.concurrency} --max-new-tokens {args.max_new_tokens}"
+        f"{server_args}`\n"
+    )
     print("| check | value | pass |\n|---|---|---|")
     print(f"| statuses | {dict(statuses)} | {not errors} |")
     print(f"| wall time | {seconds:.0f} s | |")
