@@ -33,6 +33,7 @@ the stack to transformers' logits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -44,6 +45,7 @@ from torch.nn import functional as F
 from scheduler import cpu_linear, output_vocab
 from scheduler.kv_cache import SlotKVCache
 
+log = logging.getLogger(__name__)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Batch-invariant kernels: below this, CPU products run on other kernels, rounded differently.
 MIN_GEMM_ROWS = 4  # rows of each matrix in attention's batched products
@@ -95,6 +97,24 @@ def _one_row_apart(product: Callable, features: int, dtype: torch.dtype, probes:
             if not torch.equal(alone[0], among[i]):
                 return True
     return False
+
+
+def _batched_products_round_alike(head_dim: int) -> bool:
+    """Whether batched products (attention's, under `invariant`) round a matrix alike whatever
+    else the batch holds: fewer matrices beside it, fewer of its rows computed, fewer keys."""
+    generator = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(3, 12, head_dim, generator=generator), torch.randn(3, 40, head_dim, generator=generator)
+    weights, values = torch.rand(3, 12, 40, generator=generator), torch.randn(3, 40, head_dim, generator=generator)
+    weights[:, :, 24:] = 0  # keys a shorter product leaves out weigh nothing
+    scores, out = torch.bmm(queries, keys.transpose(1, 2)), torch.bmm(weights, values)
+    return (
+        torch.equal(torch.bmm(queries[:2], keys[:2].transpose(1, 2)), scores[:2])
+        and torch.equal(torch.bmm(queries[:, :MIN_GEMM_ROWS], keys.transpose(1, 2)), scores[:, :MIN_GEMM_ROWS])
+        and torch.equal(torch.bmm(queries, keys[:, :24].transpose(1, 2)), scores[:, :, :24])
+        and torch.equal(torch.bmm(weights[:2], values[:2]), out[:2])
+        and torch.equal(torch.bmm(weights[:, :MIN_GEMM_ROWS], values), out[:, :MIN_GEMM_ROWS])
+        and torch.equal(torch.bmm(weights[:, :, :24], values[:, :24]), out)
+    )
 
 
 class _Joined:
@@ -201,6 +221,8 @@ class LlamaForward:
             dtype = next(model.parameters()).dtype
             apart = {name for name, (product, features) in products.items() if _one_row_apart(product, features, dtype)}
             self.one_row_apart = apart
+            if not _batched_products_round_alike(self.head_dim):
+                log.warning("invariant kernels: this machine's batched products round by batch; attention may too")
 
     def rows(self, name: str, product: Callable, x: torch.Tensor):
         """product(x), over two copies of a lone row where the `name` product needs that (see one_row_apart)."""
