@@ -64,18 +64,15 @@ def _relative_bias_modules(decoder: nn.Module) -> list[nn.Module]:
 
 
 class SlotEncoderDecoderCache(EncoderDecoderCache):
-    """The pair of slot caches as transformers' encoder-decoder attention layers consult them.
+    """The pair of slot caches as transformers' encoder-decoder attention layers consult them: every
+    cross-attention layer reads the batch's keys and values from the slot cache (`layers[i].keys`),
+    which `encode` filled, instead of projecting encoder states."""
 
-    With `cross_ready`, every cross-attention layer reads the batch's keys and values from the slot
-    cache (`layers[i].keys`) instead of projecting encoder states; without, it projects them and
-    writes them through `update` (at admission).
-    """
-
-    def __init__(self, self_attention: SlotKVCache, cross_attention: SlotKVCache, cross_ready: bool) -> None:
+    def __init__(self, self_attention: SlotKVCache, cross_attention: SlotKVCache) -> None:
         # Not EncoderDecoderCache.__init__: it wants two DynamicCaches. Its methods read only these.
         self.self_attention_cache = self_attention
         self.cross_attention_cache = _CrossAttention(cross_attention)
-        self.is_updated = dict.fromkeys(range(len(cross_attention)), True) if cross_ready else {}
+        self.is_updated = dict.fromkeys(range(len(cross_attention)), True)
 
 
 class _CrossAttention:
@@ -100,8 +97,22 @@ class _CrossAttention:
         self._cache = cache
         self.layers = [self._Layer(cache, i) for i in range(len(cache))]
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self._cache.update(keys, values, layer_idx)
+
+def _cross_projections(decoder: nn.Module) -> list[tuple[nn.Module, nn.Module]] | None:
+    """Each decoder layer's cross-attention key and value projections (T5's `EncDecAttention.k/v`,
+    BART-style `encoder_attn.k_proj/v_proj`), or None where a layer has neither."""
+    pairs = []
+    for layer in getattr(decoder, "block", None) or getattr(decoder, "layers", None) or []:
+        attention = getattr(layer, "encoder_attn", None)
+        if attention is not None and hasattr(attention, "k_proj"):
+            pairs.append((attention.k_proj, attention.v_proj))
+            continue
+        parts = getattr(layer, "layer", None)
+        attention = getattr(parts[1], "EncDecAttention", None) if parts is not None and len(parts) > 1 else None
+        if attention is None or not hasattr(attention, "k"):
+            return None
+        pairs.append((attention.k, attention.v))
+    return pairs or None
 
 
 class Seq2SeqRunner(CausalLMRunner):
@@ -127,6 +138,10 @@ class Seq2SeqRunner(CausalLMRunner):
         else:
             self._bias_modules, self._table = [], decoder.embed_positions
         self._d_model = model.config.d_model
+        projections = _cross_projections(decoder)
+        if projections is None:
+            raise ValueError(f"{model.config.model_type}: no cross-attention key/value projections bild knows")
+        self._cross_projections = projections
         gen = model.generation_config
         start = (
             gen.decoder_start_token_id
@@ -158,34 +173,20 @@ class Seq2SeqRunner(CausalLMRunner):
         # ms over a 64-token source for flan-t5-base's shape, against 41 ms.
         with cpu_linear.active():
             states = self.model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-        # One decoder step over the start token makes every cross-attention layer project the encoder
-        # states through its own weights and write them to the slot (the model's code, whatever the
-        # family). Its self-attention key goes to the scratch slot; the decoder stack's output is
-        # dropped, and the output head (a large product for mT5's vocabulary) never runs.
         one = torch.tensor([slot], device=device)
         self.cross.prepare(
             BatchLayout(one, one[:, None].expand(1, n), torch.arange(n, device=device)[None], n, slice(slot, slot + 1))
         )
-        self.cache.prepare(
-            BatchLayout(
-                one,
-                torch.full((1, 1), self.cache.scratch_slot, device=device),
-                torch.zeros((1, 1), dtype=torch.long, device=device),
-                1,
-                slice(slot, slot + 1),
-            )
-        )
+        # Each cross-attention layer's keys and values: its projections of the encoder states.
+        _, heads, head_dim = decoder_shape(self.model.config)
         try:
-            with cpu_linear.active(), self._per_row_positions(torch.zeros((1, 1), dtype=torch.long, device=device)):
-                self.model.get_decoder()(
-                    input_ids=torch.tensor([[self.decoder_start_token_id]], device=device),
-                    attention_mask=torch.zeros((1, 1, 1, 1), dtype=self.dtype, device=device),
-                    encoder_hidden_states=states,
-                    use_cache=True,
-                    **{self._cache_kw: SlotEncoderDecoderCache(self.cache, self.cross, cross_ready=False)},
-                )
+            with cpu_linear.active():
+                for index, (keys, values) in enumerate(self._cross_projections):
+                    self.cross.write(
+                        index, keys(states).view(1, n, heads, head_dim), values(states).view(1, n, heads, head_dim)
+                    )
         finally:
-            self.cache.layout = self.cross.layout = None
+            self.cross.layout = None
         self.source_len[slot] = n
         self.forward_seconds += time.perf_counter() - started  # the policy counts it as model time
 
@@ -218,7 +219,7 @@ class Seq2SeqRunner(CausalLMRunner):
                     attention_mask=source_mask,
                     encoder_outputs=(states,),
                     use_cache=True,
-                    **{self._cache_kw: SlotEncoderDecoderCache(self.cache, self.cross, cross_ready=True)},
+                    **{self._cache_kw: SlotEncoderDecoderCache(self.cache, self.cross)},
                 )
         finally:
             self.cross.layout = None
