@@ -52,6 +52,8 @@ def unsupported(model: PreTrainedModel) -> str | None:
             f"bild serves the encoder-decoder families {', '.join(RELATIVE_BIAS + POSITION_TABLE)}, not {kind}: "
             "each sequence needs its own decoder position, which bild sets per family"
         )
+    if _cross_projections(model.get_decoder()) is None:
+        return f"{kind}: its decoder layers have no cross-attention key/value projections bild knows"
     return None
 
 
@@ -138,10 +140,7 @@ class Seq2SeqRunner(CausalLMRunner):
         else:
             self._bias_modules, self._table = [], decoder.embed_positions
         self._d_model = model.config.d_model
-        projections = _cross_projections(decoder)
-        if projections is None:
-            raise ValueError(f"{model.config.model_type}: no cross-attention key/value projections bild knows")
-        self._cross_projections = projections
+        self._cross_projections = _cross_projections(decoder)  # `unsupported` refused models without them
         gen = model.generation_config
         start = (
             gen.decoder_start_token_id
@@ -150,7 +149,6 @@ class Seq2SeqRunner(CausalLMRunner):
         )
         if start is None:
             raise ValueError(f"{model.config.model_type}: no decoder_start_token_id in its configuration")
-        self.decoder_start_token_id = start
         # What every decoder context starts with: the start token, and the token `generate` would
         # force first (mBART's target language, BART-CNN's BOS), which is then not streamed.
         forced = gen.forced_bos_token_id
