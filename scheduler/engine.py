@@ -102,6 +102,7 @@ class Engine:
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()  # guards _streams, _stopping and sends on the pipe
         self._stopping = False
+        self._aborted = False  # abort() came, perhaps before start() made the process
         self._process: multiprocessing.process.BaseProcess | None = None
         self._reader: threading.Thread | None = None
 
@@ -123,7 +124,10 @@ class Engine:
                 logging.getLogger().getEffectiveLevel(),
             ),
         )
-        self._process.start()
+        with self._lock:
+            if self._aborted:
+                raise EngineFailed("stopped before the models loaded")
+            self._process.start()
         child.close()
         try:
             message = self._conn.recv()
@@ -136,6 +140,14 @@ class Engine:
         _, self.info, self.tokenizer = message
         self._reader = threading.Thread(target=self._read, name="bild-engine-reader", daemon=True)
         self._reader.start()
+
+    def abort(self) -> None:
+        """Kill the engine process while it is still loading (safe from any thread): start() then
+        raises EngineFailed at once rather than after the models load."""
+        with self._lock:
+            self._aborted = True
+            if self._process is not None and self.info is None:
+                self._process.kill()
 
     def stop(self, timeout: float = 60) -> None:
         """End every request (running ones as CANCELLED) and stop the engine process."""

@@ -83,8 +83,8 @@ def build_scheduler(pair: ModelPair, config: SchedulerConfig, cost_profile: str 
         if not config.invariant_kernels or model is None:
             continue
         if model.invariant:
-            apart = ", ".join(sorted(model.stack.one_row_apart)) or "none"
-            log.info("invariant kernels for the %s model (products that take a lone row twice: %s)", name, apart)
+            padded = ", ".join(f"{k} to {n} rows" for k, n in sorted(model.stack.min_rows.items()) if n > 1) or "none"
+            log.info("invariant kernels for the %s model (products padded: %s)", name, padded)
         else:
             log.warning(
                 "invariant kernels: the %s model (%s on %s) does not run on bild's Llama stack, so its "

@@ -22,9 +22,11 @@ from large mode, which computes one: seldom in float32, often in bfloat16 (62% o
 in a measurement). Most of the stack's kernels already round each row alike at every batch shape
 (oneDNN's products, norms, element-wise operations; measured on this torch). With `invariant`,
 attention runs as batched products (`_invariant_attention`) instead of SDPA, and a product whose
-one-row kernel rounds differently from its several-row one (probed at load; here SmolLM2's
-down_proj, over 1,536 features) takes a lone row twice: a token's logits are then the same bit for
-bit at any load and in every mode. It costs some speed (see README).
+few-row kernels round differently from its many-row ones (probed at load for every row count up to
+33 and a spread to 256; SmolLM2's down_proj over one row, on an EPYC) computes at least as many rows
+as it needs, padded: a token's logits are then the same bit for bit at any load and in every mode.
+Where the probes find kernels that no padding makes round alike, the flag is refused at load
+(InvariantKernelsUnavailable) rather than promised and broken. It costs some speed (see README).
 
 Rotary embeddings, norms' epsilons and the output head are the model's own modules and settings, so
 rope scaling variants and restricted draft heads work unchanged. tests/test_llama_forward.py holds
@@ -49,6 +51,11 @@ log = logging.getLogger(__name__)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Batch-invariant kernels: below this, CPU products run on other kernels, rounded differently.
 MIN_GEMM_ROWS = 4  # rows of each matrix in attention's batched products
+# The load-time probe of the layers' products (_rows_to_round_alike): a reference over PROBE_ROWS
+# rows, each row count of PROBE_COUNTS against it, and at most MAX_PAD_ROWS rows of padding.
+PROBE_ROWS = 256
+PROBE_COUNTS = (*range(1, 34), 48, 64, 128, 192)
+MAX_PAD_ROWS = 64
 
 
 def supports(model: nn.Module) -> bool:
@@ -82,39 +89,75 @@ def _product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, linear.weight, linear.bias)
 
 
-def _one_row_apart(product: Callable, features: int, dtype: torch.dtype, probes: int = 128) -> bool:
-    """Whether `product` (as a runner's forward runs it) rounds a row alone differently from the
-    same row among others. In bfloat16 the difference shows in a few rows in a hundred (the output's
-    rounding hides most), hence many probes."""
+class InvariantKernelsUnavailable(ValueError):
+    """This machine's kernels round a token by how it is batched, in a way the stack cannot work around."""
+
+
+def _output(product: Callable, x: torch.Tensor) -> torch.Tensor:
+    out = product(x)
+    return torch.cat(out, dim=-1) if isinstance(out, list) else out
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with its last row repeated up to `rows` rows (padding rows are computed and dropped)."""
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], -1)]) if rows > x.shape[0] else x
+
+
+def _rows_to_round_alike(product: Callable, features: int, dtype: torch.dtype) -> int | None:
+    """The fewest rows `product` (as a runner's forward runs it) must compute for every row to come
+    out bit for bit as it does among PROBE_ROWS others, at any place in the batch: 1 where any count
+    will do; None where padding to MAX_PAD_ROWS rows is not enough.
+
+    CPU kernels differ by row count: oneDNN runs one row on a GEMV (SmolLM2's down_proj rounds apart
+    there), and a CPU with AMX may run few rows on AVX-512 and many on AMX tiles, each rounding in
+    its own order. Every count a forward makes up to 33 rows is probed (tails of 16-row tiles
+    included), then a spread up to the reference's 256; rows sit at two offsets, as a token's do in
+    a batch. In bfloat16 a difference shows in a few rows in a hundred, hence many rows.
+    """
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(probes, features, generator=generator).to(dtype)
+    x = torch.randn(PROBE_ROWS, features, generator=generator).to(dtype)
     with torch.inference_mode(), cpu_linear.active(), output_vocab.restricted():
-        among = product(x)
-        among = torch.cat(among, dim=-1) if isinstance(among, list) else among
-        for i in range(probes):
-            alone = product(x[i : i + 1])
-            alone = torch.cat(alone, dim=-1) if isinstance(alone, list) else alone
-            if not torch.equal(alone[0], among[i]):
-                return True
-    return False
+        reference = _output(product, x)
+
+        def alike(count: int, rows: int) -> bool:
+            for offset in (0, 5) if count <= 33 else (0,):
+                index = (torch.arange(count) + offset) % PROBE_ROWS
+                if not torch.equal(_output(product, _padded(x[index], rows))[:count], reference[index]):
+                    return False
+            return True
+
+        apart = [count for count in PROBE_COUNTS if not alike(count, count)]
+        if not apart:
+            return 1
+        need = max(apart) + 1
+        if need > MAX_PAD_ROWS or not all(alike(count, need) for count in range(1, need)):
+            return None
+        return need
 
 
 def _batched_products_round_alike(head_dim: int) -> bool:
-    """Whether batched products (attention's, under `invariant`) round a matrix alike whatever
-    else the batch holds: fewer matrices beside it, fewer of its rows computed, fewer keys."""
+    """Whether batched products (attention's, under `invariant`) round each matrix alike whatever
+    else the batch holds: fewer matrices beside it (2 at least), fewer of its rows computed
+    (MIN_GEMM_ROWS at least) and at another place, more keys that weigh nothing, as forwards of
+    different loads and modes lay them out."""
     generator = torch.Generator().manual_seed(0)
-    queries, keys = torch.randn(3, 12, head_dim, generator=generator), torch.randn(3, 40, head_dim, generator=generator)
-    weights, values = torch.rand(3, 12, 40, generator=generator), torch.randn(3, 40, head_dim, generator=generator)
-    weights[:, :, 24:] = 0  # keys a shorter product leaves out weigh nothing
+    matrices, rows, keys_len, used = 6, 40, 208, 24
+    queries = torch.randn(matrices, rows, head_dim, generator=generator)
+    keys = torch.randn(matrices, keys_len, head_dim, generator=generator)
+    weights, values = torch.rand(matrices, rows, keys_len, generator=generator), torch.randn_like(keys)
+    weights[:, :, used:] = 0  # keys a shorter product leaves out weigh nothing
     scores, out = torch.bmm(queries, keys.transpose(1, 2)), torch.bmm(weights, values)
-    return (
-        torch.equal(torch.bmm(queries[:2], keys[:2].transpose(1, 2)), scores[:2])
-        and torch.equal(torch.bmm(queries[:, :MIN_GEMM_ROWS], keys.transpose(1, 2)), scores[:, :MIN_GEMM_ROWS])
-        and torch.equal(torch.bmm(queries, keys[:, :24].transpose(1, 2)), scores[:, :, :24])
-        and torch.equal(torch.bmm(weights[:2], values[:2]), out[:2])
-        and torch.equal(torch.bmm(weights[:, :MIN_GEMM_ROWS], values), out[:, :MIN_GEMM_ROWS])
-        and torch.equal(torch.bmm(weights[:, :, :24], values[:, :24]), out)
-    )
+    for n in (2, 3, matrices):
+        for count in (*range(MIN_GEMM_ROWS, 34), rows):
+            for offset in (0, 3):
+                index = (torch.arange(count) + offset) % rows
+                for length in (used, 32, 48, 80, 128, keys_len):
+                    q, w = queries[:n, index], weights[:n, index, :length]
+                    if not torch.equal(torch.bmm(q, keys[:n, :length].transpose(1, 2)), scores[:n, index, :length]):
+                        return False
+                    if not torch.equal(torch.bmm(w, values[:n, :length]), out[:n, index]):
+                        return False
+    return True
 
 
 class _Joined:
@@ -206,30 +249,50 @@ class LlamaForward:
             )
             for layer in inner.layers
         ]
-        # Products whose one-row kernel rounds differently from their several-row one (all layers
-        # share the first one's shapes): under `invariant` they take a lone row twice.
-        self.one_row_apart: set[str] = set()
+        # Rows each product must compute to round a token as it does in any other forward (all
+        # layers share the first one's shapes): under `invariant`, fewer are padded up to that.
+        self.min_rows: dict[str, int] = {}
         if self.invariant:
-            first = self.layers[0]
-            products = {
-                "qkv": (first.qkv, config.hidden_size),
-                "o": (first.o_proj, self.num_heads * self.head_dim),
-                "gate_up": (first.gate_up, config.hidden_size),
-                "down": (first.down_proj, config.intermediate_size),
-                "head": (model.get_output_embeddings(), config.hidden_size),
-            }
-            dtype = next(model.parameters()).dtype
-            apart = {name for name, (product, features) in products.items() if _one_row_apart(product, features, dtype)}
-            self.one_row_apart = apart
-            if not _batched_products_round_alike(self.head_dim):
-                log.warning("invariant kernels: this machine's batched products round by batch; attention may too")
+            self.min_rows = self._probe(model)
+
+    def _probe(self, model: nn.Module) -> dict[str, int]:
+        """min_rows for each product, or InvariantKernelsUnavailable where no padding makes it round alike."""
+        config, first = model.config, self.layers[0]
+        products = {
+            "qkv": (first.qkv, config.hidden_size),
+            "o": (first.o_proj, self.num_heads * self.head_dim),
+            "gate_up": (first.gate_up, config.hidden_size),
+            "down": (first.down_proj, config.intermediate_size),
+            "head": (model.get_output_embeddings(), config.hidden_size),
+        }
+        dtype = next(model.parameters()).dtype
+        min_rows = {}
+        for name, (product, features) in products.items():
+            rows = _rows_to_round_alike(product, features, dtype)
+            if rows is None:
+                raise InvariantKernelsUnavailable(
+                    f"--invariant-kernels: this CPU's kernels round the {name} product ({features} features, "
+                    f"{dtype}) differently by how many rows a forward computes, even padded to {MAX_PAD_ROWS} "
+                    "rows, so greedy output would still depend on the load; run without the flag "
+                    "(or in float32, where exact and large part far more seldom)"
+                )
+            min_rows[name] = rows
+        if not _batched_products_round_alike(self.head_dim):
+            raise InvariantKernelsUnavailable(
+                "--invariant-kernels: this CPU's batched products (attention's) round a matrix differently "
+                "by what else the batch holds, so greedy output would still depend on the load; run without the flag"
+            )
+        return min_rows
 
     def rows(self, name: str, product: Callable, x: torch.Tensor):
-        """product(x), over two copies of a lone row where the `name` product needs that (see one_row_apart)."""
-        if x.shape[0] != 1 or name not in self.one_row_apart:
+        """product(x), computed over at least min_rows[name] rows (the last one repeated), so that
+        each row rounds as in any other forward."""
+        need = self.min_rows.get(name, 1)
+        if x.shape[0] >= need:
             return product(x)
-        out = product(torch.cat([x, x]))
-        return [o[:1] for o in out] if isinstance(out, list) else out[:1]
+        n = x.shape[0]
+        out = product(_padded(x, need))
+        return [o[:n] for o in out] if isinstance(out, list) else out[:n]
 
     def hidden(self, batch: Batch, cache: SlotKVCache) -> torch.Tensor:
         """[N, hidden] final-normed hidden states of every token; writes their keys and values to

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,12 @@ def _materialize_gguf(source: ModelSource) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic, so a concurrent or interrupted load never sees half a directory
+    try:
+        tmp.rename(target)  # atomic, so a concurrent or interrupted load never sees half a directory
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process (a replica starting beside this one) finished first
     return target
 
 

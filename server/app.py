@@ -7,6 +7,7 @@ come up; it turns SERVING once the engine runs, and back to NOT_SERVING while dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import grpc
 from bild.v1 import bild_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from scheduler.engine import Engine, EngineConfig
+from scheduler.engine import Engine, EngineConfig, EngineFailed
 from scheduler.pair import ModelPair
 from server.metrics import Metrics
 from server.openai_http import HttpFrontEnd
@@ -49,15 +50,8 @@ class ServerHandle:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def start_engine(
-        self,
-        load_pair: Callable[[], ModelPair],
-        engine_config: EngineConfig,
-        on_failure: Callable[[str], None] | None = None,
-    ) -> None:
+    async def start_engine(self, engine: Engine) -> None:
         """Start the engine process (it loads the models), attach it, report SERVING."""
-        engine = Engine(load_pair, engine_config)
-        engine.on_failure = on_failure
         await asyncio.to_thread(engine.start)
         self.engine = engine
         self.service.attach(engine, engine.tokenizer)
@@ -162,7 +156,9 @@ async def serve(
         failed.append(message)
         loop.call_soon_threadsafe(stop.set)
 
-    loader = asyncio.create_task(handle.start_engine(load_pair, engine_config, on_failure))
+    engine = Engine(load_pair, engine_config)
+    engine.on_failure = on_failure
+    loader = asyncio.create_task(handle.start_engine(engine))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([loader, stopped], return_when=asyncio.FIRST_COMPLETED)
     if loader.done() and loader.exception() is not None:
@@ -172,8 +168,9 @@ async def serve(
         raise loader.exception()
     await stopped
     # An orchestrator's SIGTERM gets the drain delay, for its load balancers to see NOT_SERVING;
-    # a person's Ctrl-C (SIGINT) and a dead engine do not wait for that.
-    delay = drain_delay if received[:1] == [signal.SIGTERM] and not failed else 0.0
+    # a person's Ctrl-C (SIGINT), a dead engine and a replica that never served do not wait for that.
+    serving = loader.done() and not loader.cancelled() and loader.exception() is None
+    delay = drain_delay if received[:1] == [signal.SIGTERM] and not failed and serving else 0.0
     if failed:
         log.error("%s: draining and exiting with code 1", failed[0])
     else:
@@ -183,7 +180,12 @@ async def serve(
             delay,
             grace,
         )
-    loader.cancel()
+    if not loader.done():
+        # A signal before the models loaded: nothing is in flight, and the loading thread would
+        # otherwise hold the process until the models were ready, past a supervisor's patience.
+        engine.abort()
+        with contextlib.suppress(EngineFailed, asyncio.CancelledError):
+            await loader
     await handle.drain(grace, delay)
     log.info("stopped")
     return 1 if failed else 0

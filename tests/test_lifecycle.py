@@ -133,3 +133,17 @@ def test_when_the_engine_process_dies_streams_fail_and_the_server_exits_1(tiny_d
         assert any("engine process died" in line for line in server.log)
     finally:
         server.stop()
+
+
+def test_sigterm_while_the_models_load_exits_at_once():
+    """A supervisor that stops a replica still loading gets an exit, not a wait for the models (or
+    for its own kill timeout: the loading thread once held the process for good)."""
+    load_tokenizer(SMOLLM2_ALIAS)  # dequantized already, so what follows is loading proper
+    server = start_server("--large", SMOLLM2_ALIAS, "--drain-delay", "30")
+    try:
+        assert server.health() == NOT_SERVING
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(20) == 0, "".join(server.log[-20:])
+        assert not any("serving bild.v1.Generator" in line for line in server.log), "".join(server.log[-20:])
+    finally:
+        server.stop()

@@ -30,3 +30,29 @@ def test_a_non_editable_install_finds_the_default_draft(tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "output_vocab.json"):
         assert (draft / name).is_file(), name
     assert shown == "bild/models/smollm2-135m-draft"  # no machine path in what a report prints
+
+
+def test_shipped_model_files_hold_no_machine_paths():
+    """A shipped file names what it came from relative to its folder, never a path of the machine that made it."""
+    import json
+    import re
+
+    def strings(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from strings(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from strings(item)
+        elif isinstance(value, str):
+            yield value
+
+    checked = 0
+    for path in (REPO / "models").rglob("*.json"):
+        if path.name in ("tokenizer.json", "output_vocab.json"):  # vocabularies: "/" is a token
+            continue
+        for text in strings(json.loads(path.read_text())):
+            path_like = re.match(r"^(/|~/|[A-Za-z]:\\)\w", text)
+            assert not path_like, f"{path.relative_to(REPO)} holds a machine path: {text}"
+            checked += 1
+    assert checked > 0
