@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scheduler import cpu_linear, output_vocab
+from scheduler import cpu_linear, output_vocab, quantized
 from scheduler.kv_cache import SlotKVCache
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def supports(model: nn.Module) -> bool:
 def _product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(linear, cpu_linear.CpuLinear):
         return linear._product(x)
+    if isinstance(linear, quantized.Int4Linear):
+        return linear(x)
     return F.linear(x, linear.weight, linear.bias)
 
 
@@ -165,9 +167,14 @@ class _Joined:
 
     def __init__(self, linears: list[nn.Module]) -> None:
         self.linears = linears
-        self.sizes = [linear.weight.shape[0] for linear in linears]
-        weights = [linear.weight for linear in linears]
+        int4 = quantized.Int4Linear
+        self.sizes = [m.out_features if isinstance(m, int4) else m.weight.shape[0] for m in linears]
+        self.int4 = None
         self.onednn = None
+        if all(isinstance(linear, quantized.Int4Linear) for linear in linears):
+            self.int4 = quantized.Int4Linear.joined(linears)
+            return
+        weights = [linear.weight for linear in linears]
         if all(isinstance(linear, cpu_linear.CpuLinear) for linear in linears):
             self.onednn = cpu_linear.onednn_weight(torch.cat(weights))
         self.bias = None
@@ -179,6 +186,8 @@ class _Joined:
                 linear.onednn = None
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.int4 is not None:
+            return list(self.int4(x).split(self.sizes, dim=-1))
         if self.onednn is not None and x.dtype == self.onednn.dtype and x.device.type == "cpu":
             return list(cpu_linear.onednn_product(x, self.onednn, self.bias).split(self.sizes, dim=-1))
         return [_product(linear, x) for linear in self.linears]

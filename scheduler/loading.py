@@ -152,11 +152,20 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(location)
 
 
+WEIGHTS = ("float", "int4")
+
+
 def load_model(
-    spec: str, device: str = "cpu", dtype: torch.dtype | str = torch.float32
+    spec: str, device: str = "cpu", dtype: torch.dtype | str = torch.float32, weights: str = "float"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a language model and its tokenizer, in eval mode, on `device` in `dtype`: a causal LM, or an
-    encoder-decoder (seq2seq) LM where its config says it is one."""
+    encoder-decoder (seq2seq) LM where its config says it is one.
+
+    `weights`: "float" computes with `dtype` weights throughout; "int4" keeps a GGUF file's own 4-bit
+    layer weights on the CPU's int4 kernel (quantized.py), where the file and the device allow, and
+    `dtype` weights elsewhere."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     source = resolve_source(spec)
@@ -165,6 +174,8 @@ def load_model(
     seq2seq = getattr(AutoConfig.from_pretrained(location), "is_encoder_decoder", False)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(location, dtype=dtype)
     model.to(device).eval()
+    if weights == "int4":
+        _install_int4(model, source, spec, device)
     token_ids = output_vocab.load(Path(location)) if Path(location).is_dir() else None
     if token_ids is not None:
         output_vocab.install(model, token_ids)
@@ -176,3 +187,16 @@ def load_model(
             output_vocab.FILENAME,
         )
     return model, tokenizer
+
+
+def _install_int4(model: PreTrainedModel, source: ModelSource, spec: str, device: str) -> None:
+    from scheduler import llama_forward, quantized
+
+    if not source.gguf_file or device != "cpu" or not llama_forward.supports(model):
+        log.warning(
+            "%s keeps float weights: int4 weights come from a GGUF file's Q4 blocks, for Llama-family models on a CPU",
+            spec,
+        )
+        return
+    replaced = quantized.install_from_gguf(model, Path(source.location) / source.gguf_file)
+    log.info("%s computes %d layer products on the GGUF file's own 4-bit weights", spec, replaced)

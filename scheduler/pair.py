@@ -50,16 +50,18 @@ def tokenizer_mismatch(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -
     return None
 
 
-def load_pair(large: str, small: str | None, device: str = "cpu", dtype: str = "float32") -> ModelPair:
-    """Load a pair and refuse it if the tokenizers differ."""
+def load_pair(
+    large: str, small: str | None, device: str = "cpu", dtype: str = "float32", weights: str = "float"
+) -> ModelPair:
+    """Load a pair and refuse it if the tokenizers differ; `weights` (see load_model) for both models."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available")
-    large_model, tokenizer = load_model(large, device, dtype)
+    large_model, tokenizer = load_model(large, device, dtype, weights)
     small_model = None
     if small:
-        small_model, small_tokenizer = load_model(small, device, dtype)
+        small_model, small_tokenizer = load_model(small, device, dtype, weights)
         if small_model.config.is_encoder_decoder != large_model.config.is_encoder_decoder:
             kinds = {True: "an encoder-decoder", False: "a decoder-only model"}
             raise ValueError(
