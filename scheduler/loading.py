@@ -199,4 +199,5 @@ def _install_int4(model: PreTrainedModel, source: ModelSource, spec: str, device
         )
         return
     replaced = quantized.install_from_gguf(model, Path(source.location) / source.gguf_file)
-    log.info("%s computes %d layer products on the GGUF file's own 4-bit weights", spec, replaced)
+    model.lm_head = quantized.Int8Head(model.lm_head)
+    log.info("%s computes %d layer products on the GGUF file's own 4-bit weights, its head on int8", spec, replaced)

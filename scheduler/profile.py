@@ -104,6 +104,8 @@ def _key(runners: tuple[CausalLMRunner, CausalLMRunner], counts: list[int], max_
                 "config": runner.model.config.to_dict(),
                 "parameters": sum(p.numel() for p in runner.model.parameters()),
                 "head": [type(head).__name__, len(getattr(head, "token_ids", []))],
+                # int4 and float layers cost differently: a profile measured on one never plans the other
+                "modules": sorted({type(m).__name__ for m in runner.model.modules()}),
                 "dtype": str(runner.dtype),
                 "device": str(runner.device),
                 "pack": runner.pack,

@@ -84,6 +84,42 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
 
 
+class Int8Head(nn.Module):
+    """An output head over int8 weights with one scale per output row, on `_weight_int8pack_mm`.
+
+    The head of SmolLM2 (its tied embedding, Q8_0 in the file: 32-value blocks) is 28M of its 134M
+    parameters: in float32, 113 MB that every step streams, as much as its int4 layers together.
+    The kernel takes one scale per row, not per block, so the file's values are quantized again
+    (to the row's largest, over 127). Runner forwards use it (cpu_linear.active()); anything else
+    calling the model gets the float weight, which stays shared with the embedding.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.weight = head.weight  # the float weight, tied to the embedding where the model ties them
+        self.bias = getattr(head, "bias", None)
+        self.out_features, self.in_features = self.weight.shape
+        with torch.no_grad():
+            weight = self.weight.float()
+            scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.int8 = torch.round(weight / scales[:, None]).to(torch.int8)
+            self.scales = scales.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from scheduler import cpu_linear
+
+        if not cpu_linear.is_active():
+            return nn.functional.linear(x, self.weight, self.bias)
+        return cpu_linear.packed(x, self._product, is_head=True)
+
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.int8, self.scales).to(flat.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
+
+
 def _blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A GGUF tensor's raw Q4_0/Q4_1 blocks [N, blocks * bytes] -> (q [N, K], scales, zeros [N, K / 32])."""
     n = data.shape[0]

@@ -38,6 +38,22 @@ def test_joined_layers_compute_their_parts_side_by_side():
     assert torch.equal(quantized.Int4Linear.joined(parts)(x), torch.cat([part(x) for part in parts], dim=-1))
 
 
+def test_int8_head_runs_on_int8_in_runner_forwards_only():
+    from scheduler import cpu_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300, bias=False)
+    head = quantized.Int8Head(linear)
+    assert head.weight is linear.weight  # still tied to whatever the float weight is tied to
+    x = torch.randn(1, 3, 64)
+    exact = F.linear(x, linear.weight)
+    assert torch.equal(head(x), exact)
+    with cpu_linear.active():
+        got = head(x)
+    assert got.shape == exact.shape and not torch.equal(got, exact)
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+
+
 def test_unpermute_undoes_the_converters_rotary_order():
     heads, dim = 3, 8
     rows = torch.arange(heads * dim)
@@ -57,6 +73,7 @@ def test_smollm2_computes_on_the_files_4_bit_weights(smollm2_int4):
     assert isinstance(layer.self_attn.q_proj, quantized.Int4Linear)
     assert isinstance(layer.mlp.down_proj, quantized.Int4Linear)
     assert sum(isinstance(m, quantized.Int4Linear) for m in model.modules()) == 7 * len(model.model.layers)
+    assert isinstance(model.get_output_embeddings(), quantized.Int8Head)
 
 
 def test_int4_exact_equals_int4_large_at_any_load(smollm2_int4):
