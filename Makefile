@@ -5,7 +5,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lock system-packages serve test lint format proto bench bench-engine bench-seq2seq soak align align-magpie load clean
+.PHONY: setup lock system-packages serve test lint format proto bench bench-peers bench-kernels bench-weights bench-engine bench-seq2seq soak align align-magpie load clean
 
 setup: $(VENV)/.installed
 
@@ -49,8 +49,10 @@ serve: setup
 	$(VENV)/bin/bild-server $(ARGS)
 
 # Every test, slow, browser and nginx ones included (markers in pyproject.toml; ARGS="-m 'not slow'" for a quick pass).
+# Two workers (pytest-xdist), each running whole test files, so that module-scoped servers are shared:
+# most of a test's time is a server starting or a client waiting, which the other worker fills.
 test: setup system-packages
-	$(PY) -m pytest --durations=15 $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 $(ARGS)
 
 # ruff's lint rules and formatting (pyproject.toml); CI runs this before the tests. `make format` fixes both.
 lint: setup
@@ -73,6 +75,20 @@ bench: setup
 	$(PY) -m pip install -q -c requirements.lock -e '.[bench]'
 	$(PY) bench/serving.py --out bench/results/serving.md $(ARGS)
 	$(PY) bench/compare.py
+
+# bild against llama.cpp's llama-server on the same GGUF file, through one OpenAI load generator, at 1 to 64
+# streams (bench/results/peers.md). Builds llama.cpp once from the PyPI sdist llama-cpp-python==0.3.36's
+# vendored source into ~/.cache/bild/llama.cpp (about 6 minutes on 2 cores), then about 30 minutes of load.
+bench-peers: setup
+	$(PY) bench/peers.py --out bench/results/peers.md $(ARGS)
+
+# ms per pass of SmolLM2's products on each CPU kernel, by rows (bench/results/cpu_kernels.md).
+bench-kernels: setup
+	$(PY) bench/cpu_kernels.py $(ARGS) | tee bench/results/cpu_kernels.md
+
+# Quality of each --weights choice against float32: greedy agreement and perplexity (bench/results/weights.md).
+bench-weights: setup
+	$(PY) bench/weights.py --out bench/results/weights.md $(ARGS)
 
 # Just the engine: tokens/s of modes large, exact and bild at batch 1 and 8.
 bench-engine: setup

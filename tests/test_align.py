@@ -23,6 +23,8 @@ from scheduler import output_vocab
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 from tests import tiny
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny_large(tmp_path_factory) -> Path:

@@ -12,6 +12,8 @@ from scheduler.engine import Engine, EngineConfig, EngineStopped, QueueFull
 from scheduler.pair import load_pair
 from scheduler.request import FinishReason, Mode, SamplingParams
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pair(tiny_dirs):

@@ -10,6 +10,8 @@ from scheduler.request import Mode
 from tests import tiny
 from tests.engine_util import greedy_reference, make_scheduler, params, run, smollm2_costs
 
+pytestmark = pytest.mark.slow
+
 EOS = tiny.SPECIALS.index(tiny.EOS)
 MAX_NEW = 40
 

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from tests.server_util import start_server
 
+pytestmark = pytest.mark.slow
+
 # What a client may be told about its own bad request; anything else (UNKNOWN, INTERNAL, a timeout)
 # is the server's fault.
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -26,6 +26,8 @@ from client import BildClient
 from server.openai_api import UNSUPPORTED, OpenAIError, translate
 from tests.server_util import fetch, scrape, start_http_server
 
+pytestmark = pytest.mark.slow
+
 KEY = "test-key-1"
 SERVER_ARGS = ["--context-length", "1024", "--max-new-tokens-limit", "1000", "--fallback-threshold", "0.2"]
 

@@ -22,6 +22,8 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.server_util import scrape, start_http_server
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 

@@ -15,7 +15,7 @@ from tests.server_util import start_server
 
 JS = Path(__file__).with_name("js")
 
-pytestmark = pytest.mark.skipif(shutil.which("npm") is None, reason="needs Node.js and npm")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("npm") is None, reason="needs Node.js and npm")]
 
 
 @pytest.fixture(scope="module")

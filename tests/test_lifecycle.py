@@ -17,6 +17,8 @@ from client import BildClient
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 from tests.server_util import start_server
 
+pytestmark = pytest.mark.slow
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

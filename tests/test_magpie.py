@@ -30,6 +30,8 @@ from align.prompts import Prompt, all_prompts, digest, prefix_digests, read_chat
 from scheduler.loading import SMOLLM2_ALIAS, load_tokenizer
 from tests import tiny
 
+pytestmark = pytest.mark.slow
+
 CHAT = Path(__file__).resolve().parent.parent / "bench" / "chat.jsonl"
 
 

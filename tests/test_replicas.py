@@ -24,6 +24,8 @@ import pytest
 from client import BildClient, least_loaded
 from tests.server_util import start_server
 
+pytestmark = [pytest.mark.slow, pytest.mark.nginx]
+
 PROMPTS = ["one two three", "the cat sat", "hello there", "a b c d"]
 
 

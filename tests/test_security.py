@@ -18,6 +18,8 @@ from client import BildClient
 from server.security import SecurityConfig
 from tests.server_util import start_server
 
+pytestmark = pytest.mark.slow
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 

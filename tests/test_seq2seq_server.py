@@ -15,6 +15,8 @@ from tests import tiny
 from tests.engine_util import greedy_reference
 from tests.server_util import fetch, start_http_server
 
+pytestmark = pytest.mark.slow
+
 EOS = tiny.SPECIALS.index(tiny.EOS)
 
 

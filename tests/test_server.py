@@ -15,6 +15,8 @@ from transformers import AutoTokenizer
 from client import BildClient
 from tests.server_util import start_server
 
+pytestmark = pytest.mark.slow
+
 SERVER_ARGS = ["--context-length", "512", "--max-new-tokens-limit", "256", "--fallback-threshold", "0.2"]
 
 

@@ -11,6 +11,8 @@ from scheduler.loading import SMOLLM2_ALIAS, load_model
 from scheduler.request import Mode
 from tests.engine_util import greedy_reference, make_scheduler, params, run
 
+pytestmark = pytest.mark.slow
+
 MAX_NEW = 24
 QUESTIONS = [
     "What is the capital of France?",
