@@ -80,6 +80,7 @@ bench: setup
 # streams (bench/results/peers.md). Builds llama.cpp once from the PyPI sdist llama-cpp-python==0.3.36's
 # vendored source into ~/.cache/bild/llama.cpp (about 6 minutes on 2 cores), then about 30 minutes of load.
 bench-peers: setup
+	$(PY) -m pip install -q -c requirements.lock -e '.[bench]'
 	$(PY) bench/peers.py --out bench/results/peers.md $(ARGS)
 
 # ms per pass of SmolLM2's products on each CPU kernel, by rows (bench/results/cpu_kernels.md).

@@ -152,7 +152,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(location)
 
 
-WEIGHTS = ("float", "int4")
+WEIGHTS = ("auto", "float", "int4")
 
 
 def load_model(
@@ -163,7 +163,7 @@ def load_model(
 
     `weights`: "float" computes with `dtype` weights throughout; "int4" keeps a GGUF file's own 4-bit
     layer weights on the CPU's int4 kernel (quantized.py), where the file and the device allow, and
-    `dtype` weights elsewhere."""
+    `dtype` weights elsewhere; "auto" is "int4" where it applies, silently "float" elsewhere."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if isinstance(dtype, str):
@@ -174,8 +174,8 @@ def load_model(
     seq2seq = getattr(AutoConfig.from_pretrained(location), "is_encoder_decoder", False)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(location, dtype=dtype)
     model.to(device).eval()
-    if weights == "int4":
-        _install_int4(model, source, spec, device)
+    if weights in ("int4", "auto"):
+        _install_int4(model, source, spec, device, weights)
     token_ids = output_vocab.load(Path(location)) if Path(location).is_dir() else None
     if token_ids is not None:
         output_vocab.install(model, token_ids)
@@ -189,15 +189,27 @@ def load_model(
     return model, tokenizer
 
 
-def _install_int4(model: PreTrainedModel, source: ModelSource, spec: str, device: str) -> None:
+def _install_int4(model: PreTrainedModel, source: ModelSource, spec: str, device: str, asked: str) -> None:
+    """int4 layers where a GGUF file holds Q4 blocks of a Llama-family model on a CPU; `asked`:
+    "int4" (say so where they cannot apply) or "auto" (say what was chosen)."""
     from scheduler import llama_forward, quantized
 
     if not source.gguf_file or device != "cpu" or not llama_forward.supports(model):
-        log.warning(
-            "%s keeps float weights: int4 weights come from a GGUF file's Q4 blocks, for Llama-family models on a CPU",
-            spec,
-        )
+        if asked == "int4":
+            log.warning(
+                "%s keeps float weights: int4 weights come from a GGUF file's Q4 blocks, for Llama-family models "
+                "on a CPU",
+                spec,
+            )
         return
     replaced = quantized.install_from_gguf(model, Path(source.location) / source.gguf_file)
+    if replaced == 0:
+        log.log(logging.WARNING if asked == "int4" else logging.INFO, "%s: no Q4_0/Q4_1 tensors, float weights", spec)
+        return
     model.lm_head = quantized.Int8Head(model.lm_head)
-    log.info("%s computes %d layer products on the GGUF file's own 4-bit weights, its head on int8", spec, replaced)
+    log.info(
+        "%s computes %d layer products on the GGUF file's own 4-bit weights, its head on int8 (--weights %s)",
+        spec,
+        replaced,
+        asked,
+    )

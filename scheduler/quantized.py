@@ -10,9 +10,18 @@ group of 32 input features, as GGUF's blocks are laid out:
 - Q4_1: w = d * q + m, q in 0..15, per block of 32 (fp16 d and m) -> scale d, zero m + 8 d;
 - Q4_0: w = d * (q - 8) -> scale d, zero 0.
 
-The values are the file's exactly (up to float32's rounding of the zero point), so the model is the
-one the file holds, not a second quantization of it. Tensors of other types (SmolLM2's Q8_0
-embedding, which the output head shares) keep the loader's float copy.
+The values are the file's (the scales rounded to bfloat16, which the kernel takes), so the model is
+the one the file holds, not a second quantization of it. Tensors of other types (SmolLM2's Q8_0
+embedding, which the output head shares) keep the loader's float copy; the head gets an int8 copy
+of its own (Int8Head).
+
+The integer kernels are GEMVs: fastest over a few rows, and several times slower than oneDNN's
+float32 GEMM over many (bench/results/cpu_kernels.md: int4 2.1x faster than float32 over one row,
+even at 16, 1.7x slower at 64). Decoding steps are few rows; verification, full batches and
+prefill many. So a forward over more than INT4_MAX_ROWS rows runs oneDNN over a float32 copy of the
+very weights the int4 kernel computes with, on inputs rounded to bfloat16 and outputs rounded to
+bfloat16 as the kernel's are: the same arithmetic up to the order of float32 additions, the kind of
+difference that batching already makes in float32 (see llama_forward's invariant kernels).
 """
 
 from __future__ import annotations
@@ -38,19 +47,45 @@ LAYER_TENSORS = {
     "ffn_down": ("mlp", "down_proj"),
 }
 INNER_K_TILES = 2  # the packing's tiling of K (2, 4 or 8; 2 ran fastest at decoding shapes here)
+# Above these row counts oneDNN's float32 GEMM beats the integer GEMVs (bench/cpu_kernels.py).
+INT4_MAX_ROWS = 12
+INT8_HEAD_MAX_ROWS = 6
+
+
+def _bfloat16_rounded(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def _wide_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's reordered float32 copy of `weight` for wide forwards, or None where this torch has none."""
+    from scheduler import cpu_linear
+
+    return cpu_linear.onednn_weight(weight.float().contiguous())
 
 
 class Int4Linear(nn.Module):
     """y = x @ W.T with W held as 4-bit values and a float scale and zero point per group of 32."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """q: [N, K] integers 0..15; scales, zeros: [N, K / GROUP] float32; w = (q - 8) * scale + zero."""
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, wide: bool = True) -> None:
+        """q: [N, K] integers 0..15; scales, zeros: [N, K / GROUP] float32; w = (q - 8) * scale + zero.
+        `wide`: keep oneDNN's float32 copy for forwards over more than INT4_MAX_ROWS rows (else the
+        int4 kernel computes every forward)."""
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q.to(torch.uint8), persistent=False)  # kept to join and to re-pack
-        self.register_buffer("scales", scales.float().contiguous(), persistent=False)
-        self.register_buffer("zeros", zeros.float().contiguous(), persistent=False)
+        # The kernel takes its scales and zero points in its activations' dtype: bfloat16.
+        self.register_buffer("scales", _bfloat16_rounded(scales.float()).contiguous(), persistent=False)
+        self.register_buffer("zeros", _bfloat16_rounded(zeros.float()).contiguous(), persistent=False)
         self._pack()
+        self.onednn = _wide_copy(self.dequantized()) if wide else None
+
+    # oneDNN's copy has no storage to copy: a deep or unpickled copy makes its own again.
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "onednn": self.onednn is not None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.onednn = _wide_copy(self.dequantized()) if state["onednn"] else None
 
     def _pack(self) -> None:
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), INNER_K_TILES)
@@ -61,24 +96,35 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def joined(cls, linears: list[Int4Linear]) -> Int4Linear:
-        """One layer computing the outputs of `linears` side by side (q, k and v as one product)."""
+        """One layer computing the outputs of `linears` side by side (q, k and v as one product);
+        theirs keep the int4 kernel only, so that the float32 copy exists once."""
+        wide = any(m.onednn is not None for m in linears)
+        for m in linears:
+            m.onednn = None
         return cls(
             torch.cat([m.q for m in linears]),
             torch.cat([m.scales for m in linears]),
             torch.cat([m.zeros for m in linears]),
+            wide,
         )
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 [N, K] weight these values stand for."""
-        groups = self.q.float().view(self.out_features, -1, GROUP) - 8
-        return (groups * self.scales[..., None] + self.zeros[..., None]).view(self.out_features, self.in_features)
+        """The float32 [N, K] weight the kernel computes with."""
+        return _values(self.q, self.scales, self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The kernel's fast path takes bfloat16 activations (float32 ones ran 5-9x slower): inputs are
-        # rounded to bfloat16 there, as llama.cpp rounds them to 8 bits for its Q4 products.
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > INT4_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
+            from scheduler import cpu_linear
+
+            out = _bfloat16_rounded(cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn))
+        else:
+            # The kernel's fast path takes bfloat16 activations (float32 ones ran 5-9x slower): inputs
+            # are rounded to bfloat16 there, as llama.cpp rounds them to 8 bits for its Q4 products.
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros
+            ).to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
@@ -104,6 +150,18 @@ class Int8Head(nn.Module):
             scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.int8 = torch.round(weight / scales[:, None]).to(torch.int8)
             self.scales = scales.to(torch.bfloat16)
+            # Wide forwards (verification, full batches): oneDNN over these same int8 weights in float32.
+            self.onednn = self._wide()
+
+    def _wide(self) -> torch.Tensor | None:
+        return _wide_copy(self.int8.float() * self.scales.float()[:, None])
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "onednn": self.onednn is not None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.onednn = self._wide() if state["onednn"] else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from scheduler import cpu_linear
@@ -113,11 +171,22 @@ class Int8Head(nn.Module):
         return cpu_linear.packed(x, self._product, is_head=True)
 
     def _product(self, flat: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.int8, self.scales).to(flat.dtype)
+        if flat.shape[0] > INT8_HEAD_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
+            from scheduler import cpu_linear
+
+            out = _bfloat16_rounded(cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn))
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.int8, self.scales).to(flat.dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
+
+
+def _values(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(q - 8) * scale + zero per group of 32: [N, K] float32."""
+    n, k = q.shape
+    return ((q.float().view(n, -1, GROUP) - 8) * scales[..., None] + zeros[..., None]).view(n, k)
 
 
 def _blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,11 +240,9 @@ def install_from_gguf(model: nn.Module, gguf_file: Path) -> int:
         q, scales, zeros = _blocks(np.asarray(tensor.data), kind)
         if parts[2] in heads:
             q, scales, zeros = (_unpermute(t, heads[parts[2]]) for t in (q, scales, zeros))
-        layer = Int4Linear(q, scales, zeros)
-        if layer.dequantized().shape != linear.weight.shape or not torch.allclose(
-            layer.dequantized(), linear.weight.float(), rtol=0, atol=1e-5
-        ):
+        values = _values(q, scales, zeros)
+        if values.shape != linear.weight.shape or not torch.allclose(values, linear.weight.float(), rtol=0, atol=1e-5):
             raise ValueError(f"{gguf_file.name}: {tensor.name} does not match the loader's weights as read")
-        setattr(parent, projection, layer)
+        setattr(parent, projection, Int4Linear(q, scales, zeros))
         replaced += 1
     return replaced

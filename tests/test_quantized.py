@@ -20,13 +20,30 @@ def test_blocks_read_as_gguf_reads_them(kind):
     weight = rng.standard_normal((48, 96)).astype(np.float32)
     blocks = quants.quantize(weight, GGMLQuantizationType[kind])
     want = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType[kind]))
-    layer = quantized.Int4Linear(*quantized._blocks(blocks, kind))
-    assert torch.allclose(layer.dequantized(), want, rtol=0, atol=1e-6)
-    # The kernel computes with those weights (bfloat16 activations and scales: close, not equal).
-    x = torch.randn(5, 96)
-    got, exact = layer(x), F.linear(x, want)
-    assert got.dtype == torch.float32 and got.shape == (5, 48)
-    assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+    values = quantized._blocks(blocks, kind)
+    assert torch.allclose(quantized._values(*values), want, rtol=0, atol=1e-6)
+    layer = quantized.Int4Linear(*values)
+    # The kernel computes with those weights, its scales rounded to bfloat16 (and its inputs and outputs).
+    assert torch.allclose(layer.dequantized(), want, rtol=0, atol=0.01 * float(want.abs().max()))
+    for rows in (5, quantized.INT4_MAX_ROWS + 1):  # the int4 kernel, and oneDNN over the same weights
+        x = torch.randn(rows, 96)
+        got, exact = layer(x), F.linear(x, want)
+        assert got.dtype == torch.float32 and got.shape == (rows, 48)
+        assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+def test_wide_forwards_compute_what_the_int4_kernel_computes():
+    """Over more than INT4_MAX_ROWS rows oneDNN runs the same weights on the same rounded inputs: the
+    rows agree with the int4 kernel's to the order of float32 additions, rounded to bfloat16."""
+    rng = np.random.default_rng(2)
+    blocks = quants.quantize(rng.standard_normal((64, 128)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    layer = quantized.Int4Linear(*quantized._blocks(blocks, "Q4_1"))
+    assert layer.onednn is not None
+    x = torch.randn(quantized.INT4_MAX_ROWS + 4, 128)
+    wide = layer(x)
+    narrow = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+    assert (wide != narrow).float().mean() < 0.05  # bfloat16's last bit, seldom
+    assert torch.allclose(wide, narrow, rtol=1e-2, atol=1e-2)
 
 
 def test_joined_layers_compute_their_parts_side_by_side():
