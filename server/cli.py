@@ -47,11 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     models.add_argument(
         "--weights",
-        default="float",
+        default="auto",
         choices=WEIGHTS,
-        help="float: --dtype weights throughout; int4: a GGUF file's own 4-bit layer weights (Q4_0, Q4_1) on the "
-        "CPU's int4 kernel, 2-3x fewer bytes per token than float32, activations rounded to bfloat16 there "
-        "(default: %(default)s)",
+        help="auto: int4 where the model is a GGUF file with Q4_0/Q4_1 layers (a Llama-family model on a CPU), "
+        "else float; int4: the same, and say so where it cannot apply; float: --dtype weights throughout. int4 "
+        "runs the file's own 4-bit weights (and the output head on int8) at few-row shapes and oneDNN over the "
+        "same weights at wide ones, activations rounded to bfloat16 there (default: %(default)s)",
     )
     models.add_argument(
         "--invariant-kernels",
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         large_name=shown(args.large),
         small_name=shown(small) if small else "",
         device=args.device,
-        dtype=args.dtype if args.weights == "float" else f"{args.weights} ({args.dtype} elsewhere)",
+        dtype=args.dtype,
     )
 
     note = precision.advice(args.device, args.dtype, invariant=args.invariant_kernels)

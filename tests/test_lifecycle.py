@@ -31,6 +31,8 @@ def test_health_while_loading_serving_and_draining_then_exit_0():
         assert server.health() == NOT_SERVING
         assert server.health("bild.v1.Generator") == NOT_SERVING
         server.wait_serving()
+        # --weights auto: the default GGUF file's own 4-bit weights, said in the log
+        assert any("GGUF file's own 4-bit weights" in line for line in server.log), "".join(server.log[-20:])
 
         statuses: list[int] = []
         watching = threading.Event()
