@@ -98,14 +98,12 @@ class Int4Linear(nn.Module):
     def joined(cls, linears: list[Int4Linear]) -> Int4Linear:
         """One layer computing the outputs of `linears` side by side (q, k and v as one product);
         theirs keep the int4 kernel only, so that the float32 copy exists once."""
-        wide = any(m.onednn is not None for m in linears)
         for m in linears:
             m.onednn = None
         return cls(
             torch.cat([m.q for m in linears]),
             torch.cat([m.scales for m in linears]),
             torch.cat([m.zeros for m in linears]),
-            wide,
         )
 
     def dequantized(self) -> torch.Tensor:
@@ -243,6 +241,7 @@ def install_from_gguf(model: nn.Module, gguf_file: Path) -> int:
         values = _values(q, scales, zeros)
         if values.shape != linear.weight.shape or not torch.allclose(values, linear.weight.float(), rtol=0, atol=1e-5):
             raise ValueError(f"{gguf_file.name}: {tensor.name} does not match the loader's weights as read")
-        setattr(parent, projection, Int4Linear(q, scales, zeros))
+        # Projections that the Llama stack joins (q/k/v, gate/up) get their float32 copy joined too.
+        setattr(parent, projection, Int4Linear(q, scales, zeros, wide=projection in ("o_proj", "down_proj")))
         replaced += 1
     return replaced

@@ -54,7 +54,12 @@ class ServerProcess:
 
 
 def start_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start `bild-server --port 0 ARGS`; return once it listens (models may still be loading)."""
+    """Start `bild-server --port 0 ARGS`; return once it listens (models may still be loading).
+
+    Without a --drain-delay of their own, test servers stop at once: the default's 5 s wait for load
+    balancers would only add up across the suite (tests of the delay give theirs)."""
+    if "--drain-delay" not in args:
+        args = (*args, "--drain-delay", "0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "--port", "0", *args],
         stderr=subprocess.STDOUT,
