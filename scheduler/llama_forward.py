@@ -22,9 +22,10 @@ from large mode, which computes one: seldom in float32, often in bfloat16 (62% o
 in a measurement). Most of the stack's kernels already round each row alike at every batch shape
 (oneDNN's products, norms, element-wise operations; measured on this torch). With `invariant`,
 attention runs as batched products (`_invariant_attention`) instead of SDPA, and a product whose
-few-row kernels round differently from its many-row ones (probed at load for every row count up to
-33 and a spread to 256; SmolLM2's down_proj over one row, on an EPYC) computes at least as many rows
-as it needs, padded: a token's logits are then the same bit for bit at any load and in every mode.
+few-row kernels round differently from its many-row ones (probed at load, every row count up to 33
+and a spread to 192 against 256 rows; on one EPYC, SmolLM2's down_proj over one row) computes at
+least as many rows as it needs, padded: a token's logits are then the same bit for bit at any load
+and in every mode.
 Where the probes find kernels that no padding makes round alike, the flag is refused at load
 (InvariantKernelsUnavailable) rather than promised and broken. It costs some speed (see README).
 

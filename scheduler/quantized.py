@@ -148,11 +148,12 @@ class Int8Head(nn.Module):
             scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.int8 = torch.round(weight / scales[:, None]).to(torch.int8)
             self.scales = scales.to(torch.bfloat16)
-            # Wide forwards (verification, full batches): oneDNN over these same int8 weights in float32.
+            # Wide forwards (verification, full batches): oneDNN over these same int8 values in float32.
             self.onednn = self._wide()
 
     def _wide(self) -> torch.Tensor | None:
-        return _wide_copy(self.int8.float() * self.scales.float()[:, None])
+        # The integer values themselves, scaled after the sum as the int8 kernel scales them.
+        return _wide_copy(self.int8.float())
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "onednn": self.onednn is not None}
@@ -172,7 +173,8 @@ class Int8Head(nn.Module):
         if flat.shape[0] > INT8_HEAD_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
             from scheduler import cpu_linear
 
-            out = _bfloat16_rounded(cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn))
+            out = cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn) * self.scales.float()
+            out = _bfloat16_rounded(out)
         else:
             out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.int8, self.scales).to(flat.dtype)
         return out if self.bias is None else out + self.bias
