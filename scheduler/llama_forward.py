@@ -172,13 +172,14 @@ class _Joined:
         self.sizes = [m.out_features if isinstance(m, int4) else m.weight.shape[0] for m in linears]
         self.int4 = None
         self.onednn = None
-        if all(isinstance(linear, quantized.Int4Linear) for linear in linears):
-            self.int4 = quantized.Int4Linear.joined(linears)
+        self.bias = None
+        if all(isinstance(m, int4) for m in linears):
+            self.int4 = int4.joined(linears)
+        if any(isinstance(m, int4) for m in linears):  # joined above, or mixed (a file's other types): one each
             return
         weights = [linear.weight for linear in linears]
         if all(isinstance(linear, cpu_linear.CpuLinear) for linear in linears):
             self.onednn = cpu_linear.onednn_weight(torch.cat(weights))
-        self.bias = None
         if self.onednn is not None:
             if any(linear.bias is not None for linear in linears):
                 biases = [linear.bias for linear in linears]
