@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from scheduler import cpu_linear
+
 log = logging.getLogger(__name__)
 
 GROUP = 32  # GGUF's block of input features, and the kernel's group size
@@ -58,8 +60,6 @@ def _bfloat16_rounded(x: torch.Tensor) -> torch.Tensor:
 
 def _wide_copy(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's reordered float32 copy of `weight` for wide forwards, or None where this torch has none."""
-    from scheduler import cpu_linear
-
     return cpu_linear.onednn_weight(weight.float().contiguous())
 
 
@@ -113,8 +113,6 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] > INT4_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
-            from scheduler import cpu_linear
-
             out = _bfloat16_rounded(cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn))
         else:
             # The kernel's fast path takes bfloat16 activations (float32 ones ran 5-9x slower): inputs
@@ -163,16 +161,12 @@ class Int8Head(nn.Module):
         self.onednn = self._wide() if state["onednn"] else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from scheduler import cpu_linear
-
         if not cpu_linear.is_active():
             return nn.functional.linear(x, self.weight, self.bias)
         return cpu_linear.packed(x, self._product, is_head=True)
 
     def _product(self, flat: torch.Tensor) -> torch.Tensor:
         if flat.shape[0] > INT8_HEAD_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
-            from scheduler import cpu_linear
-
             out = cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn) * self.scales.float()
             out = _bfloat16_rounded(out)
         else:
