@@ -101,6 +101,12 @@ class SlotKVCache:
         live_values = values[:, :, : layout.kv_len].index_select(0, layout.slots)
         return live_keys, live_values
 
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of slot `source` into slot `target` (a cached prefix)."""
+        if length > 0 and source != target:
+            for tensor in self.keys + self.values:
+                tensor[target, :, :length] = tensor[source, :, :length]
+
     # The parts of transformers' Cache interface that model code may consult.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.layout is None else self.layout.kv_len

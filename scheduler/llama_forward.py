@@ -36,6 +36,7 @@ the stack to transformers' logits.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -138,6 +139,7 @@ def _rows_to_round_alike(product: Callable, features: int, dtype: torch.dtype) -
         return need
 
 
+@functools.cache  # a property of the machine's kernels: probed once per process and head size
 def _batched_products_round_alike(head_dim: int) -> bool:
     """Whether batched products (attention's, under `invariant`) round each matrix alike whatever
     else the batch holds: fewer matrices beside it (2 at least), fewer of its rows computed

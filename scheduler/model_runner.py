@@ -88,6 +88,11 @@ class CausalLMRunner:
         return self._forward(items, all_logits=True)
 
     @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Slot `target`'s cache takes the keys and values of slot `source`'s first `length` positions."""
+        self.cache.copy(source, target, length)
+
+    @torch.inference_mode()
     def _forward(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
         started = time.perf_counter()
         try:

@@ -101,6 +101,7 @@ class SamplingParams:
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     generated_tokens: int = 0
     small_forward_steps: int = 0  # small-model forwards this request took part in (prefill included)
     large_forward_calls: int = 0  # large-model forwards this request took part in (prefill included)

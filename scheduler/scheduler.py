@@ -42,6 +42,7 @@ from scheduler import policy
 from scheduler.logprobs import TokenLogprob, token_logprobs
 from scheduler.model_runner import CausalLMRunner, ForwardItem
 from scheduler.policy import AcceptanceStats, CostModel, Draft, Kind, RowState, Verdict, VerifyRow
+from scheduler.prefix_cache import Held, PrefixCache, common_prefix
 from scheduler.request import FinishReason, Limits, Mode, Request, SamplingParams, check
 from scheduler.sampling import DRAFT, TARGET, pick, process
 from scheduler.seq2seq_runner import Seq2SeqRunner
@@ -65,6 +66,8 @@ class SchedulerConfig:
     # Kernels whose rounding of a token does not depend on the batch around it (llama_forward.py):
     # greedy output is then the same at any load, and exact equals large bit for bit.
     invariant_kernels: bool = False
+    # A new prompt starts from the longest prefix a slot's caches hold (prefix_cache.py).
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_tokens", "max_seq_len", "max_prefill_tokens"):
@@ -89,6 +92,7 @@ class Sequence:
     small_cached: int = 0
     large_cached: int = 0
     prefilled: int = 0  # prompt tokens both models have read
+    looked_up: bool = False  # its prompt was matched against the prefix cache (its slot is its own since)
     source: list[int] | None = None  # an encoder-decoder pair's encoder input, until it is encoded
     finish: FinishReason | None = None
     stop_reason: str | None = None
@@ -184,6 +188,8 @@ class Scheduler:
         self._free_slots = list(range(config.max_num_seqs))
         self._reserved_tokens = 0
         self._cancelled: set[str] = set()
+        # Encoder-decoder prompts are sources, whose encoder output the prefix cache does not keep.
+        self.prefix = PrefixCache() if config.prefix_cache and not self.encoder_decoder else None
         # Outputs of the iteration under way; kept here so a failing forward cannot lose them.
         self._outputs: list[StepOutput] = []
 
@@ -336,6 +342,7 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         if self.encoder_decoder:
             seqs, budget = self._encode(seqs, budget)
+        seqs = [s for s in seqs if s.looked_up or self._look_up(s)]
         chunks: list[tuple[Sequence, ForwardItem]] = []
         for seq in seqs:
             n = min(budget, seq.prompt_len - seq.prefilled)
@@ -372,6 +379,46 @@ class Scheduler:
         for seq, item in chunks:
             seq.prefilled = item.start + len(item.tokens)
             seq.settled = len(seq.context)
+
+    def _look_up(self, seq: Sequence) -> bool:
+        """Start `seq` from the longest prefix of its prompt that a slot's caches hold (copied into its
+        own slot); False where it should wait an iteration: an older sequence still prefilling
+        shares more of the prompt than any cache holds yet, so the prefix is computed once."""
+        uses_large, uses_small = seq.mode is not Mode.SMALL, self.small is not None and seq.mode is not Mode.LARGE
+        if self.prefix is None:
+            seq.looked_up = True
+            return True
+        prompt = seq.context[: seq.prompt_len]
+        others = [s for s in self.running.values() if s.looked_up and s is not seq]
+        running = {s.slot: Held(s.context, s.large_cached, s.small_cached) for s in others}
+        reuse = self.prefix.best(prompt, running, small_only=not uses_large)
+        have = 0 if reuse is None else (reuse.large if uses_large else reuse.small)
+        for other in others:
+            if uses_large and other.mode is not Mode.SMALL and other.prefilled < other.prompt_len:
+                shared = min(common_prefix(other.context[: other.prompt_len], prompt), seq.prompt_len - 1)
+                if shared > have:
+                    return False
+        seq.looked_up = True
+        target = self.prefix.evict_for(seq.slot, reuse.source if reuse else None, self._free_slots)
+        if target is not None:  # the slot's entry moves to the free slot of the oldest one
+            held = self.prefix.free[seq.slot]
+            self._copy(seq.slot, target, held.large, held.small)
+            self.prefix.moved(seq.slot, target)
+        self.prefix.forget(seq.slot)
+        if reuse is None:
+            return True
+        large = reuse.large if uses_large else 0
+        small = min(reuse.small, large) if uses_large and uses_small else reuse.small if uses_small else 0
+        self._copy(reuse.source, seq.slot, large, small)
+        seq.large_cached, seq.small_cached = large, small
+        seq.prefilled = large if uses_large else small
+        seq.request.stats.cached_prompt_tokens = seq.prefilled
+        return True
+
+    def _copy(self, source: int, target: int, large: int, small: int) -> None:
+        self.large.copy_prefix(source, target, large)
+        if self.small is not None:
+            self.small.copy_prefix(source, target, small)
 
     def _encode(self, seqs: list[Sequence], budget: int) -> tuple[list[Sequence], int]:
         """Run the encoders of the sequences not yet encoded, oldest first, within the prefill budget
@@ -589,5 +636,9 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         del self.running[seq.request.request_id]
+        # Its caches stay for a later prompt that shares their prefix (not after a fault, to be safe).
+        if self.prefix is not None and seq.looked_up and seq.finish is not FinishReason.ERROR:
+            held = max(seq.large_cached, seq.small_cached)
+            self.prefix.keep(seq.slot, Held(seq.context[:held], seq.large_cached, seq.small_cached))
         self._free_slots.append(seq.slot)
         self._reserved_tokens -= seq.reserved

@@ -172,6 +172,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prompt tokens prefilled per iteration; longer prompts are chunked (default: %(default)s)",
     )
     budget.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="prefill every prompt from its first token; by default a prompt starts from the longest prefix "
+        "that a slot's caches hold (a chat's earlier turns, a shared system prompt)",
+    )
+    budget.add_argument(
         "--cost-profile",
         default="",
         help="a JSON file of the models' forward costs for the load-adaptive plan (as kept under the "
@@ -227,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             max_waiting=args.max_waiting,
             max_prefill_tokens=args.max_prefill_tokens,
             invariant_kernels=args.invariant_kernels,
+            prefix_cache=args.prefix_cache,
             cost_profile=args.cost_profile,
         )
     except (ValueError, OSError) as error:

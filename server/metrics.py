@@ -51,6 +51,15 @@ class Metrics:
             "bild_fallbacks", "times the large model was called to check drafts", ["mode"], registry=r
         )
         self.rollbacks = Counter("bild_rollbacks", "drafts cut by the rollback policy", ["mode"], registry=r)
+        self.prefix_lookups = Counter(
+            "bild_prefix_cache_lookups",
+            "requests matched against the prefix cache: hit (some prompt tokens reused) or miss",
+            ["result"],
+            registry=r,
+        )
+        self.prefix_tokens = Counter(
+            "bild_prefix_cache_tokens", "prompt tokens: cached (reused) or computed (prefilled)", ["kind"], registry=r
+        )
         self.first_token = Histogram(
             "bild_time_to_first_token_seconds",
             "arrival to first settled token",
@@ -79,6 +88,10 @@ class Metrics:
         self.fallbacks.labels(mode).inc(stats.fallbacks)
         self.rollbacks.labels(mode).inc(stats.rollbacks)
         self.queued.labels(mode).observe(stats.queue_seconds)
+        if stats.prompt_tokens:  # it was admitted (a request refused or cancelled in the queue was not looked up)
+            self.prefix_lookups.labels("hit" if stats.cached_prompt_tokens else "miss").inc()
+            self.prefix_tokens.labels("cached").inc(stats.cached_prompt_tokens)
+            self.prefix_tokens.labels("computed").inc(stats.prompt_tokens - stats.cached_prompt_tokens)
         if stats.generated_tokens:
             self.first_token.labels(mode).observe(stats.first_token_seconds)
 

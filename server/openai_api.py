@@ -377,6 +377,7 @@ class Answer:
                 "prompt_tokens": stats.prompt_tokens,
                 "completion_tokens": stats.generated_tokens,
                 "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+                "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
             }
             self.stats = {**stats_dict(stats), "stop_reason": response.stop_reason}
 

@@ -82,7 +82,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., mode: _Optional[_Union[DecodingMode, str]] = ..., fallback_threshold: _Optional[float] = ..., rollback_threshold: _Optional[float] = ..., max_small_tokens: _Optional[int] = ..., request_id: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., batch_independent: _Optional[bool] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "small_forward_steps", "large_forward_calls", "fallbacks", "rollbacks", "small_tokens", "large_tokens", "queue_seconds", "first_token_seconds", "total_seconds")
+    __slots__ = ("prompt_tokens", "generated_tokens", "small_forward_steps", "large_forward_calls", "fallbacks", "rollbacks", "small_tokens", "large_tokens", "queue_seconds", "first_token_seconds", "total_seconds", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SMALL_FORWARD_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class GenerationStats(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     small_forward_steps: int
@@ -105,7 +106,8 @@ class GenerationStats(_message.Message):
     queue_seconds: float
     first_token_seconds: float
     total_seconds: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., small_forward_steps: _Optional[int] = ..., large_forward_calls: _Optional[int] = ..., fallbacks: _Optional[int] = ..., rollbacks: _Optional[int] = ..., small_tokens: _Optional[int] = ..., large_tokens: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., small_forward_steps: _Optional[int] = ..., large_forward_calls: _Optional[int] = ..., fallbacks: _Optional[int] = ..., rollbacks: _Optional[int] = ..., small_tokens: _Optional[int] = ..., large_tokens: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -5,7 +5,7 @@ import warnings
 
 from bild.v1 import bild_pb2 as bild_dot_v1_dot_bild__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
