@@ -188,8 +188,13 @@ class Scheduler:
         self._free_slots = list(range(config.max_num_seqs))
         self._reserved_tokens = 0
         self._cancelled: set[str] = set()
-        # Encoder-decoder prompts are sources, whose encoder output the prefix cache does not keep.
+        # An encoder-decoder's prompt is its source: its runners keep the encoders' output by source
+        # instead (Seq2SeqRunner.encode), and a decoder's prefix is only its start token.
         self.prefix = PrefixCache() if config.prefix_cache and not self.encoder_decoder else None
+        if self.encoder_decoder:
+            for runner in (large, small):
+                if runner is not None:
+                    runner.reuse_encodings = config.prefix_cache
         # Outputs of the iteration under way; kept here so a failing forward cannot lose them.
         self._outputs: list[StepOutput] = []
 
@@ -430,10 +435,13 @@ class Scheduler:
                 if n > budget and budget < self.config.max_prefill_tokens:
                     break
                 # Each model encodes what it will decode: `small` mode never needs the large encoder.
+                reused = []
                 if seq.mode is not Mode.SMALL:
-                    self.large.encode(seq.slot, seq.source)
+                    reused.append(self.large.encode(seq.slot, seq.source))
                 if self.small is not None and seq.mode is not Mode.LARGE:
-                    self.small.encode(seq.slot, seq.source)
+                    reused.append(self.small.encode(seq.slot, seq.source))
+                if all(reused):
+                    seq.request.stats.cached_prompt_tokens = n
                 seq.source = None
                 budget = max(budget - n, 0)
             ready.append(seq)

@@ -259,3 +259,15 @@ def test_encoding_runs_the_cpu_products_like_decoding(pair, sources, monkeypatch
     runner.encode(1, sources[3])
     layers = sum(isinstance(m, cpu_linear.CpuLinear) for m in pair["large"].get_encoder().modules())
     assert len(calls) >= layers > 0
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_an_identical_source_reuses_its_encoding(pair, sources, references, prefix_cache):
+    scheduler = make_scheduler(pair["large"], pair["draft"], {EOS}, slots=3, prefix_cache=prefix_cache)
+    exact = params(Mode.EXACT, MAX_NEW, fallback_threshold=0.2)
+    first, _ = run(scheduler, [sources[3]], exact)
+    # The same source again (a retry), twice at once, beside another one.
+    again, requests = run(scheduler, [sources[3], sources[6], sources[3]], exact)
+    assert first == [references[3]] and again == [references[3], references[6], references[3]]
+    cached = [r.stats.cached_prompt_tokens for r in requests]
+    assert cached == ([len(sources[3]), 0, len(sources[3])] if prefix_cache else [0, 0, 0])
