@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
+import socket
+import stat
+import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,12 +42,55 @@ SERVER_OPTIONS = [
 ]
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's health service, whose Watch streams end (OK) once the server stops taking calls, after
+    the last status they watch: they never end by themselves, and a stop waits for every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses = {"": health_pb2.HealthCheckResponse.SERVING}  # as the base class starts
+        self._changed = asyncio.Condition()
+        self._frozen = self._ended = False
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        await super().set(service, status)
+        if not self._frozen:
+            self._statuses[service] = status
+        await self._notify()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._frozen = True
+        self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._notify()
+
+    async def end_watches(self) -> None:
+        self._ended = True
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        last = None
+        async with self._changed:
+            while True:
+                status = self._statuses.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._ended:
+                    return
+                await self._changed.wait()
+
+
 @dataclass
 class ServerHandle:
     server: grpc.aio.Server
     port: int
     service: GeneratorService
-    health: health.aio.HealthServicer
+    health: HealthServicer
     engine: Engine | None = None
     http: HttpFrontEnd | None = None  # the OpenAI API and the page, with --http-port
 
@@ -59,25 +108,84 @@ class ServerHandle:
         log.info("serving %s on port %d", SERVICE_NAME, self.port)
 
     async def drain(self, grace: float, delay: float = 0.0) -> None:
-        """Stop serving: health turns NOT_SERVING at once, while for `delay` seconds the port stays
-        open and new calls get UNAVAILABLE (so a load balancer that polls health sees the replica go,
-        rather than refused connections); then streams in flight get `grace` seconds to finish."""
+        """Stop serving, losing no call: health turns NOT_SERVING at once, while for `delay` seconds
+        every call is still served, new ones included (load balancers that poll health move away;
+        those that do not, nginx's grpc_pass, keep sending, and nothing fails). Then the ports stop
+        taking connections, so that a proxy connecting meets a closed port and tries another
+        upstream, and the calls in flight get `grace` seconds to finish, their last messages and
+        statuses included, before what is left is cancelled."""
         await self.health.enter_graceful_shutdown()  # NOT_SERVING, and no later set() undoes it
         self.service.draining = True
+        ports = [self.port] + ([self.http.port] if self.http is not None else [])
         if delay > 0:
             await asyncio.sleep(delay)
-        stopping = asyncio.create_task(self.server.stop(grace))  # refuses new connections and calls
+            # Closing a listening socket resets the connections the kernel has queued but the server
+            # has not accepted yet, whose requests a proxy has already sent (and so will not retry
+            # elsewhere). Drop new connection attempts first, let the queued ones in, then close.
+            if hold_new_connections(ports):
+                await asyncio.sleep(SETTLE_SECONDS)
+        # From here on, new connections are refused and gRPC sends GOAWAY on the open ones.
+        await self.health.end_watches()  # health watchers never end by themselves; they would hold the stop
+        if self.http is not None:
+            await self.http.close_port()
+        generations = asyncio.create_task(self._wait_idle(grace))
+        # Returns once every call has ended and its connection closed, or cancels what is left at `grace`.
+        await self.server.stop(grace)
+        await generations
+        if self.http is not None:
+            await self.http.stop()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+
+    async def _wait_idle(self, grace: float) -> None:
         try:
             await asyncio.wait_for(self.service.wait_idle(), grace)
         except asyncio.TimeoutError:
             log.warning("grace period over: cancelling the streams still in flight")
-        if self.http is not None:
-            await self.http.stop()
-        # Health watchers never end by themselves; cut them once the generations are done.
-        await self.server.stop(0)
-        await stopping
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
+
+
+# After the drain delay: how long new connection attempts are dropped (the clients' SYNs, which
+# they send again after a second, to meet a closed port) while the connections the kernel has
+# already queued are accepted and their calls start.
+SETTLE_SECONDS = 0.5
+SO_ATTACH_FILTER = 26  # Linux's socket option: attach a classic BPF program to a socket
+
+
+def hold_new_connections(ports: list[int]) -> bool:
+    """Make this process's listening TCP sockets on `ports` drop every new connection attempt,
+    leaving their accept queues and open connections alone (Linux: a socket filter that accepts no
+    packet). Returns whether any socket took it; elsewhere, or without /proc, nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return False
+    drop_all = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET|BPF_K, 0 bytes
+    program = struct.pack("HP", 1, ctypes.addressof(drop_all))  # struct sock_fprog
+    held = False
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            duplicate = os.dup(fd)  # closing it leaves fd open
+            try:
+                sock = socket.socket(fileno=duplicate)
+            except OSError:
+                os.close(duplicate)
+                continue
+            with sock:
+                if (
+                    sock.family in (socket.AF_INET, socket.AF_INET6)
+                    and sock.type == socket.SOCK_STREAM
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and sock.getsockname()[1] in ports
+                ):
+                    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+                    held = True
+        except OSError:
+            continue  # closed meanwhile, or not an Internet socket
+    return held
 
 
 async def create_server(
@@ -96,7 +204,7 @@ async def create_server(
         metrics.serve(*metrics_address)
     service = GeneratorService(service_config, metrics)
     add_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
     credentials = security.server_credentials()
@@ -175,7 +283,7 @@ async def serve(
         log.error("%s: draining and exiting with code 1", failed[0])
     else:
         log.info(
-            "%s received: NOT_SERVING; new calls turned away for %.0fs, then %.0fs for streams in flight",
+            "%s received: NOT_SERVING; calls still served for %.0fs, then the port closes: %.0fs for streams in flight",
             received[0].name if received else "signal",
             delay,
             grace,

@@ -105,12 +105,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--drain-delay",
         type=float,
         default=5.0,
-        help="on SIGTERM, seconds health reports NOT_SERVING with the port still open (new calls get "
-        "UNAVAILABLE) before the server stops taking connections, so that load balancers move "
-        "traffic away first (default: %(default)s; SIGINT does not wait)",
+        help="on SIGTERM, seconds health reports NOT_SERVING while every call, new ones included, is still "
+        "served, before the server stops taking connections, so that load balancers move traffic away "
+        "first and none fails (default: %(default)s; SIGINT does not wait)",
     )
     net.add_argument(
-        "--grace", type=float, default=30.0, help="then, seconds in-flight streams get to finish (default: %(default)s)"
+        "--grace",
+        type=float,
+        default=30.0,
+        help="then, seconds in-flight streams get to finish before they are cancelled (default: %(default)s)",
     )
     policy = p.add_argument_group("decoding defaults (a request may override them)")
     policy.add_argument(

@@ -107,6 +107,12 @@ class HttpFrontEnd:
         self.port = self._runner.addresses[0][1]
         return self.port
 
+    async def close_port(self) -> None:
+        """Stop taking connections (draining): the open ones go on, and requests on them are served."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+
     async def stop(self) -> None:
         """Close the port; requests still running are cancelled (drain has waited for them already)."""
         if self._runner is not None:

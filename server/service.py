@@ -137,7 +137,8 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.draining = False  # shutting down: new calls are turned away, calls in flight finish
+        # Shutting down: health says NOT_SERVING, while calls, new ones too, are served until the ports close.
+        self.draining = False
 
     def attach(self, engine: Engine, tokenizer: PreTrainedTokenizerBase) -> None:
         self.engine, self.tokenizer = engine, tokenizer
@@ -278,10 +279,6 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
                 record,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid bild.v1.GenerateRequest: {request.error}",
-            )
-        if self.draining:
-            raise self._abort(
-                record, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
             )
         if self.engine is None:
             raise self._abort(record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")

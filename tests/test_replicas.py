@@ -1,8 +1,11 @@
 """Several replicas behind a load balancer: real servers, the real client, real nginx.
 
-Three bild-servers on loopback, reached through gRPC client-side round robin (BildClient over their
-addresses) or through nginx's grpc_pass (Debian's package): calls spread over all three, every call
-succeeds while one replica drains after SIGTERM, and only streams in flight on a killed one fail.
+Three bild-servers on loopback reached through gRPC client-side round robin (BildClient over their
+addresses): calls spread over all three, every call succeeds while one replica drains after SIGTERM,
+and only streams in flight on a killed one fail. Two behind nginx's grpc_pass (Debian's package),
+called as a new user would, with the plain generated stub and no retries: a drain under 16 streams
+loses no call made before, during or after it, and a kill -9 fails only the streams in flight on
+the killed replica.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import subprocess
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 
 import grpc
 import pytest
+from bild.v1 import bild_pb2, bild_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from client import BildClient, least_loaded
 from tests.server_util import start_server
@@ -111,8 +117,7 @@ http {{
 """
 
 
-@pytest.fixture
-def nginx(replicas, tmp_path):
+def start_nginx(replicas, tmp_path) -> subprocess.Popen:
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(binary):
         pytest.fail("nginx is missing: .ci/run installs it (apt-get install nginx)")
@@ -128,9 +133,8 @@ def nginx(replicas, tmp_path):
                 break
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    proc.target = f"127.0.0.1:{port}"
+    return proc
 
 
 def test_get_load_reports_each_replica_and_picks_the_least_loaded(replicas):
@@ -166,10 +170,6 @@ async def collect(stream) -> list[int]:
 
 def test_client_side_round_robin_spreads_and_fails_over(replicas):
     check_failover(replicas, [p.target for p in replicas])
-
-
-def test_nginx_grpc_pass_spreads_and_fails_over(replicas, nginx):
-    check_failover(replicas, nginx)
 
 
 def check_failover(replicas, target) -> None:
@@ -221,3 +221,155 @@ def check_failover(replicas, target) -> None:
     # went away, nginx resets the stream it was proxying (INTERNAL).
     assert len(failed) <= 4 and set(failed) <= {"UNAVAILABLE", "INTERNAL"}, failed
     assert phases["kill"].count("OK") >= 12
+
+
+# ---- behind nginx, with the plain generated stub and no retries -----------------------------------
+
+DRAIN_DELAY = 1.0
+REPLICA_ARGS = ("--drain-delay", str(DRAIN_DELAY), "--grace", "20", "--max-new-tokens", "16")
+TOKENS = 12  # each call's full count (ignore_eos)
+
+
+@dataclass
+class Call:
+    request_id: str
+    started: float
+    ended: float = 0.0
+    status: str = ""
+    tokens: int = 0
+    details: str = ""
+
+
+class Trio:
+    """Three replicas and two nginx: one in front of a and b (a is drained), one in front of b and c (c
+    is killed). Starting all three at once costs less time than restarting one."""
+
+    def __init__(self, tiny_dirs, free_costs, tmp_path) -> None:
+        args = ("--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--cost-profile", free_costs)
+        self.servers = []
+        for _ in range(3):
+            metrics = free_port()
+            server = start_server(*args, *REPLICA_ARGS, "--metrics-port", str(metrics))
+            server.metrics_port = metrics
+            self.servers.append(server)
+        for server in self.servers:
+            server.wait_serving()
+        a, b, c = self.servers
+        (tmp_path / "ab").mkdir()
+        (tmp_path / "bc").mkdir()
+        self.nginx = [start_nginx([a, b], tmp_path / "ab"), start_nginx([b, c], tmp_path / "bc")]
+
+    def close(self) -> None:
+        for proc in self.nginx:
+            proc.terminate()
+            proc.wait(10)
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def trio(tiny_dirs, free_costs, tmp_path_factory):
+    trio = Trio(tiny_dirs, free_costs, tmp_path_factory.mktemp("nginx"))
+    yield trio
+    trio.close()
+
+
+async def plain_call(stub_or_target, request_id: str, prompt: str = PROMPTS[0], mode: int = 0) -> Call:
+    """One Generate call with the generated stub, as it ended: when, its status and its tokens."""
+    if isinstance(stub_or_target, str):
+        async with grpc.aio.insecure_channel(stub_or_target) as channel:
+            return await plain_call(bild_pb2_grpc.GeneratorStub(channel), request_id, prompt, mode)
+    call = Call(request_id, time.monotonic())
+    request = bild_pb2.GenerateRequest(
+        prompt=prompt, max_new_tokens=TOKENS, ignore_eos=True, mode=mode, request_id=request_id
+    )
+    try:
+        async for response in stub_or_target.Generate(request, timeout=60):
+            call.tokens += len(response.token_ids)
+        call.status = "OK"
+    except grpc.aio.AioRpcError as error:
+        call.status, call.details = error.code().name, error.details() or ""
+    call.ended = time.monotonic()
+    return call
+
+
+async def plain_calls(target: str, until: asyncio.Event, streams: int = 16) -> list[Call]:
+    """Generate calls on `streams` streams through the generated stub (no retry policy, no client
+    health checking) until `until` is set."""
+    calls: list[Call] = []
+    modes = [bild_pb2.DECODING_MODE_BILD, bild_pb2.DECODING_MODE_EXACT, bild_pb2.DECODING_MODE_LARGE]
+
+    async def worker(stub, w: int) -> None:
+        i = 0
+        while not until.is_set():
+            i += 1
+            calls.append(await plain_call(stub, f"w{w}-{i}", PROMPTS[(w + i) % 4], modes[(w + i) % 3]))
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = bild_pb2_grpc.GeneratorStub(channel)
+        await asyncio.gather(*[worker(stub, w) for w in range(streams)])
+    return calls
+
+
+async def wait_served(server, more: int) -> None:
+    """Until `server` has finished `more` calls beyond what it had now."""
+    target = await asyncio.to_thread(served, server.metrics_port) + more
+    while await asyncio.to_thread(served, server.metrics_port) < target:
+        await asyncio.sleep(0.1)
+
+
+def test_nginx_drain_loses_no_call_made_before_during_or_after_it(trio):
+    """SIGTERM one replica under 16 streams with calls still arriving: health turns NOT_SERVING, the
+    replica goes on serving new calls for the drain delay, then closes its port (nginx connects to
+    the other one) and finishes its streams; every call ends OK with all its tokens."""
+    a, b, _ = trio.servers
+
+    async def scenario():
+        until = asyncio.Event()
+        traffic = asyncio.create_task(plain_calls(trio.nginx[0].target, until))
+        await asyncio.gather(wait_served(a, 4), wait_served(b, 4))  # before
+        signalled = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        health = await asyncio.to_thread(a.health)
+        # A new call straight to it, during the delay, is served in full.
+        direct = await plain_call(a.target, "w-direct")
+        code = await asyncio.to_thread(wait_exit, a.proc, 60)
+        exited = time.monotonic()
+        await wait_served(b, 16)  # after: b alone
+        until.set()
+        return [direct, *await traffic], signalled, exited, health, code
+
+    calls, signalled, exited, health, code = asyncio.run(scenario())
+    phases = Counter("before" if c.started < signalled else "during" if c.started < exited else "after" for c in calls)
+    failed = [(c.status, c.tokens, c.details) for c in calls if c.status != "OK" or c.tokens != TOKENS]
+    print(f"{len(calls)} calls {dict(phases)}")
+    assert not failed, f"{len(failed)} of {len(calls)} calls failed: {Counter(failed)}"
+    assert health == health_pb2.HealthCheckResponse.NOT_SERVING and code == 0
+    assert calls[0].started < signalled + DRAIN_DELAY  # the direct call, within the delay
+    assert min(phases["before"], phases["during"], phases["after"]) > 0, phases
+
+
+def test_nginx_kill_fails_only_the_streams_in_flight_on_the_killed_replica(trio):
+    _, b, c = trio.servers
+
+    async def scenario():
+        until = asyncio.Event()
+        traffic = asyncio.create_task(plain_calls(trio.nginx[1].target, until))
+        await asyncio.gather(wait_served(b, 4), wait_served(c, 4))
+        killed = time.monotonic()
+        c.proc.kill()
+        c.proc.wait()
+        await wait_served(b, 16)  # the survivor carries on alone
+        until.set()
+        return await traffic, killed
+
+    calls, killed = asyncio.run(scenario())
+    failed = [c for c in calls if c.status != "OK" or c.tokens != TOKENS]
+    print(f"{len(calls)} calls, {len(failed)} failed: {Counter((c.status, c.details) for c in failed)}")
+    # Only streams in flight at the kill (16 at most, nearly half of them on c) fail; nginx resets the
+    # stream it was proxying. Every call made after the kill goes to the survivor.
+    assert all(c.started < killed < c.ended for c in failed), [(c.started - killed, c.status) for c in failed]
+    assert len(failed) <= 16 and {c.status for c in failed} <= {"UNAVAILABLE", "INTERNAL"}
+    after = [c for c in calls if c.started > killed]
+    assert len(after) >= 16 and all(c.status == "OK" and c.tokens == TOKENS for c in after)
