@@ -7,23 +7,20 @@ import functools
 import logging
 import os
 
-import uvloop
-
-from scheduler import precision
-from scheduler.engine import EngineConfig, EngineFailed
-from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, SMOLLM2_ALIAS, WEIGHTS, shown
-from scheduler.pair import load_pair
-from scheduler.request import Mode, SamplingParams
-from server.app import serve
-from server.security import SecurityConfig, read_api_keys
-from server.service import ServiceConfig
-
-# The flags' defaults are the configs' own, so the engine, the service and the CLI cannot disagree.
-ENGINE, SERVICE = EngineConfig(), ServiceConfig()
+# Only light imports here: the engine process (multiprocessing's spawn) imports this module again as
+# its __main__ before it runs the engine core, and needs none of the server's modules. The rest are
+# imported where they are used.
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from scheduler.engine import EngineConfig
+    from scheduler.loading import DEFAULT_SMALL_DIR, DTYPES, SMOLLM2_ALIAS, WEIGHTS
+    from scheduler.request import Mode
+    from server.service import ServiceConfig
+
+    # The flags' defaults are the configs' own, so the engine, the service and the CLI cannot disagree.
+    ENGINE, SERVICE = EngineConfig(), ServiceConfig()
     p = argparse.ArgumentParser(prog="bild-server", description=__doc__)
     models = p.add_argument_group("models")
     models.add_argument(
@@ -198,6 +195,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import uvloop
+
+    from scheduler import precision
+    from scheduler.engine import EngineConfig, EngineFailed
+    from scheduler.loading import DEFAULT_SMALL_DIR, shown
+    from scheduler.pair import load_pair
+    from scheduler.request import Mode, SamplingParams
+    from server.app import serve
+    from server.security import SecurityConfig, read_api_keys
+    from server.service import ServiceConfig
+
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     small = None if args.no_small else args.small
