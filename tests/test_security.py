@@ -107,48 +107,67 @@ def bild_client(port: int, *args: str, env: dict[str, str] | None = None) -> sub
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_api_keys_guard_the_generator_but_not_health(tiny_dirs, tmp_path):
-    keys = tmp_path / "keys"
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_dirs, tmp_path_factory):
+    """A public address guarded by API keys (the metrics port, which has no keys, stays on loopback)."""
+    keys = tmp_path_factory.mktemp("keys") / "keys"
     keys.write_text("# one key per line\nsecond-key\n")
     server = start_server(
-        "--large", tiny_dirs["large"], "--no-small", "--api-key", "first-key", "--api-key-file", str(keys)
-    )
-    try:
-        server.wait_serving()  # health needs no key
-        for key in (None, "wrong-key", "first-key-but-longer"):
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                generate(server.target, api_key=key)
-            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert "authorization: Bearer" in error.value.details()
-        assert len(generate(server.target, api_key="first-key")) == 4
-        assert len(generate(server.target, api_key="second-key")) == 4
-        out = bild_client(server.port, env={**os.environ, "BILD_API_KEY": "second-key"})
-        assert out.returncode == 0, out.stderr
-    finally:
-        assert server.stop() == 0
+        "--host", "0.0.0.0", "--large", tiny_dirs["large"], "--no-small", "--api-key", "first-key",
+        "--api-key-file", str(keys), "--metrics-port", str(metrics_port := free_port()),
+    )  # fmt: skip
+    server.metrics_port = metrics_port
+    yield server
+    assert server.stop() == 0
 
 
-def test_tls_and_mutual_tls(tiny_dirs, certs):
+@pytest.fixture(scope="module")
+def tls(tiny_dirs, certs):
+    """A public address over TLS, its metrics on the address named for them."""
     server = start_server(
-        "--large", tiny_dirs["large"], "--no-small", "--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"]
-    )
-    try:
-        creds = grpc.ssl_channel_credentials(Path(certs["ca.pem"]).read_bytes())
-        with grpc.secure_channel(server.target, creds) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            for _ in range(600):
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        assert len(generate(server.target, ca_cert=certs["ca.pem"])) == 4
-        with pytest.raises(grpc.aio.AioRpcError) as error:  # plaintext to a TLS port
-            generate(server.target)
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        assert server.stop() == 0
+        "--host", "0.0.0.0", "--large", tiny_dirs["large"], "--no-small", "--tls-cert", certs["server.pem"],
+        "--tls-key", certs["server.key"], "--metrics-port", str(metrics_port := free_port()),
+        "--metrics-host", "0.0.0.0",
+    )  # fmt: skip
+    server.metrics_port = metrics_port
+    yield server
+    assert server.stop() == 0
+
+
+def test_api_keys_guard_the_generator_but_not_health(keyed):
+    keyed.wait_serving()  # health needs no key
+    for key in (None, "wrong-key", "first-key-but-longer"):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            generate(keyed.target, api_key=key)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer" in error.value.details()
+    assert len(generate(keyed.target, api_key="first-key")) == 4
+    assert len(generate(keyed.target, api_key="second-key")) == 4
+    out = bild_client(keyed.port, env={**os.environ, "BILD_API_KEY": "second-key"})
+    assert out.returncode == 0, out.stderr
+
+
+def test_tls_and_mutual_tls(tiny_dirs, certs, tls):
+    creds = grpc.ssl_channel_credentials(Path(certs["ca.pem"]).read_bytes())
+    with grpc.secure_channel(tls.target, creds) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(600):
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    assert len(generate(tls.target, ca_cert=certs["ca.pem"])) == 4
+    with pytest.raises(grpc.aio.AioRpcError) as error:  # plaintext to a TLS port
+        generate(tls.target)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
     server = start_server(
         "--large",
@@ -162,8 +181,8 @@ def test_tls_and_mutual_tls(tiny_dirs, certs):
         certs["ca.pem"],
     )
     try:
-        tls = dict(ca_cert=certs["ca.pem"])
-        mutual = dict(tls, client_cert=certs["client.pem"], client_key=certs["client.key"])
+        one_way = dict(ca_cert=certs["ca.pem"])
+        mutual = dict(one_way, client_cert=certs["client.pem"], client_key=certs["client.key"])
         for _ in range(600):
             try:
                 assert len(generate(server.target, **mutual)) == 4
@@ -173,7 +192,7 @@ def test_tls_and_mutual_tls(tiny_dirs, certs):
                     raise
                 time.sleep(0.2)
         with pytest.raises(grpc.aio.AioRpcError) as error:  # no client certificate
-            generate(server.target, **tls)
+            generate(server.target, **one_way)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         out = bild_client(
             server.port, "--ca-cert", certs["ca.pem"], "--client-cert", certs["client.pem"],
@@ -184,39 +203,27 @@ def test_tls_and_mutual_tls(tiny_dirs, certs):
         assert server.stop() == 0
 
 
-@pytest.mark.parametrize(
-    "extra, refused",
-    [
-        ([], True),
-        (["--insecure"], False),
-        (["--api-key", "k"], False),
-        (["--tls-cert", "missing.pem"], True),
-    ],
-)
-def test_a_public_address_needs_tls_or_a_key(extra, refused):
+PUBLIC = ["--host", "0.0.0.0", "--port", "0", "--no-small", "--large", "/nonexistent-model"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--tls-cert", "missing.pem"]], ids=["plain", "cert-without-key"])
+def test_a_public_address_needs_tls_or_a_key(extra):
+    # Refused before anything loads, so bild-server's main runs here; the fixtures above serve public
+    # addresses with keys and with TLS.
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main([*PUBLIC, *extra])
+    message = str(refused.value.code)
+    assert message.startswith("bild-server:") and ("refusing to serve" in message or "go together" in message)
+
+
+def test_insecure_serves_a_public_address_without_tls_or_a_key():
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "0",
-            "--no-small",
-            "--large",
-            "/nonexistent-model",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "server.cli", *PUBLIC, "--insecure"], capture_output=True, text=True, timeout=120
     )
-    assert out.returncode != 0
-    if refused:
-        assert "bild-server:" in out.stderr and ("refusing to serve" in out.stderr or "go together" in out.stderr)
-    else:  # it got as far as loading the (missing) model
-        assert "refusing" not in out.stderr
+    assert out.returncode != 0  # it got as far as loading the (missing) model
+    assert "refusing" not in out.stderr and "/nonexistent-model" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("origin, ok", [("https://chat.example.com", True), ("*", True), ("chat.example.com", False)])
@@ -240,17 +247,7 @@ def listening_address(port: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads Linux's socket table")
-@pytest.mark.parametrize("extra, bound", [([], "127.0.0.1"), (["--metrics-host", "0.0.0.0"], "0.0.0.0")])
-def test_metrics_stay_on_loopback_unless_an_address_is_named(tiny_dirs, extra, bound):
+def test_metrics_stay_on_loopback_unless_an_address_is_named(keyed, tls):
     # The metrics port has neither TLS nor keys, so a public --host does not make it public.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
-    server = start_server(
-        "--host", "0.0.0.0", "--insecure", "--large", tiny_dirs["large"], "--small", tiny_dirs["draft"],
-        "--metrics-port", str(metrics_port), "--drain-delay", "0", *extra,
-    )  # fmt: skip
-    try:
-        assert listening_address(metrics_port) == bound
-    finally:
-        server.stop()
+    assert listening_address(keyed.metrics_port) == "127.0.0.1"
+    assert listening_address(tls.metrics_port) == "0.0.0.0"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -57,10 +59,11 @@ def server(tiny_dirs, server_args):
 
 @pytest.fixture(scope="module")
 def narrow_server(tiny_dirs, server_args):
-    """One slot only: a request that leaked its slot would block every later one."""
+    """One slot only: a request that leaked its slot would block every later one. One request may wait."""
     proc = start_server(
-        "--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1", *server_args
-    )
+        "--large", tiny_dirs["large"], "--small", tiny_dirs["draft"], "--max-batch-size", "1", "--max-waiting", "1",
+        *server_args,
+    )  # fmt: skip
     proc.wait_serving()
     yield proc
     assert proc.stop() == 0
@@ -263,34 +266,17 @@ def test_client_cli_streams_json_and_stats(server):
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
 
 
-def test_resource_exhausted_when_the_queue_is_full(tiny_dirs, server_args):
-    proc = start_server(
-        "--large",
-        tiny_dirs["large"],
-        "--small",
-        tiny_dirs["draft"],
-        "--max-batch-size",
-        "1",
-        "--max-waiting",
-        "1",
-        *server_args,
-    )
-    try:
-        proc.wait_serving()
+def test_resource_exhausted_when_the_queue_is_full(narrow_server):
+    async def go():
+        async with BildClient(narrow_server.target) as client:
+            busy = dict(max_new_tokens=200, mode="exact", fallback_threshold=1.0)
+            calls = [client.complete("busy", **busy) for _ in range(4)]
+            return await asyncio.gather(*calls, return_exceptions=True)
 
-        async def go():
-            async with BildClient(proc.target) as client:
-                calls = [
-                    client.complete("busy", max_new_tokens=200, mode="exact", fallback_threshold=1.0) for _ in range(4)
-                ]
-                return await asyncio.gather(*calls, return_exceptions=True)
-
-        results = asyncio.run(go())
-        codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-        assert any(not isinstance(r, Exception) for r in results)
-    finally:
-        assert proc.stop() == 0
+    results = asyncio.run(go())
+    codes = [r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert any(not isinstance(r, Exception) for r in results)
 
 
 def test_generated_stubs_match_the_proto(tmp_path):
@@ -509,3 +495,31 @@ def test_invariant_kernels_reach_the_engine(tiny_dirs, server_args):
         assert any("invariant kernels for the large model" in line for line in proc.log)
     finally:
         assert proc.stop() == 0
+
+
+# ---- a client in another language (Node.js, @grpc/grpc-js) that knows bild only through reflection ----
+
+JS = Path(__file__).with_name("js")
+
+
+@pytest.fixture(scope="module")
+def node_modules():
+    if not (JS / "node_modules" / "grpc-js-reflection-client").is_dir():
+        subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=JS, check=True, timeout=600)
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="needs Node.js and npm")
+def test_node_client_finds_generate_by_reflection_and_streams(server, node_modules):
+    out = subprocess.run(
+        ["node", "generate.js", server.target, "Hello from Node", "24"],
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    text, ids, _ = complete(server.target, "Hello from Node", max_new_tokens=24, mode="large")
+    assert "bild.v1.Generator" in result["services"]
+    assert result["token_ids"] == ids and result["text"] == text
+    assert result["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_EOS")
