@@ -313,31 +313,41 @@ class LlamaForward:
         out = product(_padded(x, need))
         return [o[:n] for o in out] if isinstance(out, list) else out[:n]
 
-    def hidden(self, batch: Batch, cache: SlotKVCache) -> torch.Tensor:
+    def hidden(self, batch: Batch, cache: SlotKVCache, rows: int = 0) -> torch.Tensor:
         """[N, hidden] final-normed hidden states of every token; writes their keys and values to
-        `cache`, whose layout the runner prepared (write_slots/write_positions: [N])."""
+        `cache`, whose layout the runner prepared (write_slots/write_positions: [N]).
+
+        `rows` > N: the products compute that many rows (the last token's repeated), where the
+        kernels run faster so; attention and the cache see only the N tokens."""
         inner = self.model.model
         x = inner.embed_tokens(batch.input_ids)
         cos, sin = inner.rotary_emb(x, batch.positions[None])
         cos, sin = cos[0, :, None], _signed_sin(sin[0, :, None])  # [N, 1, head_dim]: one per token, shared by heads
         n, d = x.shape[0], self.head_dim
         q_size = self.num_heads * d
+        padded = rows > n
+        if padded:
+            x = _padded(x, rows)
         if self.invariant:
             batch = self._invariant_layout(batch)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, layer.eps)
             q, k, v = self.rows("qkv", layer.qkv, h)
+            if padded:
+                q, k, v = q[:n], k[:n], v[:n]
             # Queries and keys turn together: one rotation for both.
             qk = _rotate(torch.cat((q, k), dim=-1).view(n, -1, d), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             cache.write(index, k, v.view(n, self.num_kv_heads, d))
             keys, values = cache.read(index)
             attended = self._attention(q, keys, values, batch).reshape(n, q_size)
+            if padded:
+                attended = _padded(attended, rows)
             x = x + self.rows("o", layer.o_proj, attended)
             h = _rms_norm(x, layer.post_norm, layer.eps)
             gate, up = self.rows("gate_up", layer.gate_up, h)
             x = x + self.rows("down", layer.down_proj, F.silu(gate) * up)
-        return inner.norm(x)
+        return inner.norm(x[:n] if padded else x)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         """[N, heads, head_dim] queries over [B, kv_heads, kv_len, head_dim] keys/values -> [N, heads, head_dim]."""

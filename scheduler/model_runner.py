@@ -115,16 +115,16 @@ class CausalLMRunner:
         """The Llama stack's forward (llama_forward.py) over the batch's tokens as rows, item after item."""
         device = self.device
         n_tokens = sum(len(item.tokens) for item in items)
+        # A faster row count (see `run_as`): the stack's products compute that many rows, attention
+        # and the cache only the tokens' (so the batch's slots stay contiguous: no gather).
         rows = self.run_as[n_tokens] if n_tokens < len(self.run_as) else n_tokens
-        if rows > n_tokens:  # a faster row count (see `run_as`): the extra rows form an item of their own
-            items = [*items, ForwardItem(self.cache.scratch_slot, 0, [0] * (rows - n_tokens))]
         lengths = torch.tensor([len(item.tokens) for item in items], device=device)
         starts = torch.tensor([item.start for item in items], device=device)
         slots = torch.tensor([item.slot for item in items], device=device)
         width = int(lengths.max())
         item_of_row = torch.tensor([i for i, item in enumerate(items) for _ in item.tokens], device=device)
         ends = lengths.cumsum(0)
-        column = torch.arange(rows, device=device) - (ends - lengths)[item_of_row]  # index within the item
+        column = torch.arange(n_tokens, device=device) - (ends - lengths)[item_of_row]  # index within the item
         positions = starts[item_of_row] + column
         kv_len = self._prepare_cache(items, slots, starts + lengths, slots[item_of_row], positions)
         # Query j of an item sees its keys 0..start+j. Queries past an item's own tokens (padding, where
@@ -139,8 +139,8 @@ class CausalLMRunner:
             mask=self._mask(query_positions, kv_len),
         )
         with cpu_linear.active(), output_vocab.restricted():
-            hidden = self.stack.hidden(batch, self.cache)
-            wanted = hidden[:n_tokens] if all_logits else hidden[ends[: len(items) - (rows > n_tokens)] - 1]
+            hidden = self.stack.hidden(batch, self.cache, rows)
+            wanted = hidden if all_logits else hidden[ends - 1]
             return self.stack.rows("head", self.model.get_output_embeddings(), wanted)
 
     def _forward_padded(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
