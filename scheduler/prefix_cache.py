@@ -44,11 +44,16 @@ def _rank(reuse: Reuse, small_only: bool) -> tuple[int, int]:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix; compared 64 tokens at a time as list slices, in C:
+    every new prompt is matched against every slot (a pure Python loop took ~5 ms for 32 slots of
+    2,000 tokens sharing a chat template)."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    i = 0
+    while i + 64 <= n and a[i : i + 64] == b[i : i + 64]:
+        i += 64
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from scheduler.prefix_cache import Held, PrefixCache
+from scheduler.prefix_cache import Held, PrefixCache, common_prefix
 from scheduler.request import Mode, Request
 from tests import tiny
 from tests.engine_util import make_scheduler, params, run
@@ -140,3 +140,11 @@ def test_without_the_prefix_cache_every_prompt_is_prefilled(models):
     _, requests = _conversation(scheduler, Mode.LARGE, turns=2)
     assert scheduler.prefix is None
     assert [r.stats.cached_prompt_tokens for r in requests] == [0, 0]
+
+
+def test_common_prefix_at_every_length():
+    base = list(range(300))
+    for n in (0, 1, 63, 64, 65, 128, 200, 299):
+        other = [*base[:n], -1, *base[n + 1 :]]
+        assert common_prefix(base, other) == n
+    assert common_prefix(base, base[:130]) == 130 and common_prefix([], base) == 0
