@@ -1,7 +1,8 @@
 """Assembles the gRPC server: the Generator service, health checking and reflection, and its lifecycle.
 
 The port opens before the models load, with health NOT_SERVING, so orchestrators see the process
-come up; it turns SERVING once the engine runs, and back to NOT_SERVING while draining.
+come up (calls that arrive meanwhile wait for the models); it turns SERVING once the engine runs, and
+back to NOT_SERVING while draining.
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
         self.metrics = metrics
         self.engine: Engine | None = None  # set once the models have loaded
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._attached = asyncio.Event()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -142,6 +143,13 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
 
     def attach(self, engine: Engine, tokenizer: PreTrainedTokenizerBase) -> None:
         self.engine, self.tokenizer = engine, tokenizer
+        self._attached.set()
+
+    async def _loaded(self) -> None:
+        """Until the models have loaded. A call that arrives while they load waits for them (its
+        deadline bounds the wait) rather than failing: a proxy without health checks, nginx's
+        grpc_pass, sends calls to a replica as soon as its port takes connections."""
+        await self._attached.wait()
 
     async def wait_idle(self) -> None:
         """Until no Generate stream is in flight (draining waits for these, not for health watchers)."""
@@ -280,8 +288,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid bild.v1.GenerateRequest: {request.error}",
             )
-        if self.engine is None:
-            raise self._abort(record, grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
+        await self._loaded()
         started = time.monotonic()
         request_id = request.request_id
         try:
@@ -340,8 +347,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid bild.v1.GetModelInfoRequest: {request.error}",
             )
-        if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the models are still loading; retry shortly")
+        await self._loaded()
         config, engine = self.config, self.engine
         return bild_pb2.ModelInfo(
             large_model=config.large_name,

@@ -78,6 +78,12 @@ def test_sigterm_turns_health_not_serving_while_calls_are_still_served_then_clos
     so a proxy connects elsewhere), the stream in flight finishes, and the process exits 0."""
     server = start_server("--large", tiny_dirs["large"], "--no-small", "--drain-delay", "3", "--grace", "60")
     try:
+
+        async def while_loading():  # a call made as the port opens waits for the models, then streams
+            async with BildClient(server.target) as client:
+                return [r async for r in client.generate("early", max_new_tokens=5, ignore_eos=True, timeout=120)]
+
+        assert sum(len(r.token_ids) for r in asyncio.run(while_loading())) == 5
         server.wait_serving()
 
         async def scenario():
