@@ -69,6 +69,9 @@ class CausalLMRunner:
         # (scheduler/profile.py); empty: n rows.
         self.run_as: list[int] = []
 
+    # Whether the model encodes a source first (Seq2SeqRunner); a decoder-only model's prompt is its context.
+    encoder_decoder = False
+
     @staticmethod
     def _kv_shape(config) -> tuple[int, int, int]:
         """(layers, key/value heads, head size) of the cache."""

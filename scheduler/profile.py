@@ -33,7 +33,7 @@ from scheduler.policy import CostModel, CostTable
 log = logging.getLogger(__name__)
 
 # Of the runner's arithmetic and of how it is measured: change it when either changes, so caches are remeasured.
-VERSION = 5
+VERSION = 6  # 6: padded row counts pad only the products (no scratch item, no gather)
 PREFIX = 64  # cached tokens under each measured forward
 REPEATS = 3  # passes over every count; a count costs its fastest pass
 BUSY = 0.2  # share of the measuring threads' time spent waiting for a core beyond which nothing is cached
@@ -53,7 +53,7 @@ def _table(runner: CausalLMRunner, counts: list[int], max_rows: int) -> CostTabl
     prefix = max(1, min(PREFIX, runner.cache.max_len - MAX_WIDTH - 1))
     runner.run_as = []  # each count as itself
     for slot in range(max_rows):
-        if hasattr(runner, "encode"):  # an encoder-decoder: its decoder attends over a source as well
+        if runner.encoder_decoder:  # its decoder attends over a source as well
             runner.encode(slot, [1] * prefix)
         runner.next_token_logits([ForwardItem(slot, 0, [1] * prefix)])
     shapes = []

@@ -45,7 +45,6 @@ from scheduler.policy import AcceptanceStats, CostModel, Draft, Kind, RowState, 
 from scheduler.prefix_cache import Held, PrefixCache, common_prefix
 from scheduler.request import FinishReason, Limits, Mode, Request, SamplingParams, check
 from scheduler.sampling import DRAFT, TARGET, pick, process
-from scheduler.seq2seq_runner import Seq2SeqRunner
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +158,8 @@ class Scheduler:
         """`costs` defaults to the pair's measured cost model (see `profile`)."""
         self.small = small
         self.large = large
-        self.encoder_decoder = isinstance(large, Seq2SeqRunner)
-        if small is not None and isinstance(small, Seq2SeqRunner) != self.encoder_decoder:
+        self.encoder_decoder = large.encoder_decoder
+        if small is not None and small.encoder_decoder != self.encoder_decoder:
             raise ValueError("one model of the pair is an encoder-decoder and the other is not")
         if self.encoder_decoder and small is not None and small.decoder_prompt != large.decoder_prompt:
             raise ValueError(
@@ -189,7 +188,7 @@ class Scheduler:
         self._reserved_tokens = 0
         self._cancelled: set[str] = set()
         # An encoder-decoder's prompt is its source: its runners keep the encoders' output by source
-        # instead (Seq2SeqRunner.encode), and a decoder's prefix is only its start token.
+        # instead (seq2seq_runner.py), and a decoder's prefix is only its start token.
         self.prefix = PrefixCache() if config.prefix_cache and not self.encoder_decoder else None
         if self.encoder_decoder:
             for runner in (large, small):

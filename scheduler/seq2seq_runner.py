@@ -124,6 +124,8 @@ class Seq2SeqRunner(CausalLMRunner):
     source (the encoder's input) is given once to `encode`.
     """
 
+    encoder_decoder = True
+
     def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int, max_source_len: int) -> None:
         problem = unsupported(model)
         if problem:
