@@ -15,6 +15,10 @@ from tests.engine_util import greedy_reference, make_scheduler, params, run, smo
 EOS = tiny.SPECIALS.index(tiny.EOS)
 MAX_NEW = 24
 FAMILIES = ["t5", "mt5", "marian", "bart"]
+# Tests of the scheduler's own logic (batching, sampling, planning, faults) run on one family of each
+# attention stack: T5's (mt5 differs from it only by a gated feed-forward) and BART's (Marian's differs
+# by its sinusoidal positions). Every family runs the tests of exactness, positions and caches.
+STACKS = pytest.mark.parametrize("pair", ["t5", "bart"], indirect=True)
 JOIN_AT = [0, 0, 1, 3, 3, 4, 8, 9]
 
 
@@ -84,6 +88,7 @@ def test_exact_equals_large_greedy_generate_under_staggered_joins(pair, sources,
     assert all(s.prompt_tokens == len(src) for s, src in zip(stats, sources))
 
 
+@STACKS
 @pytest.mark.parametrize("load", [1, 6])
 def test_the_load_adaptive_plan_applies_and_exact_stays_exact(pair, sources, references, load):
     """With a real pair's costs the plan drafts at one sequence; whatever it chooses when busy, exact
@@ -110,6 +115,7 @@ def test_small_mode_equals_the_drafts_own_generate(pair, sources):
     assert all(r.stats.large_forward_calls == 0 for r in requests)
 
 
+@pytest.mark.parametrize("pair", ["t5", "marian", "bart"], indirect=True)  # mt5's caches are t5's
 def test_rollback_stress_keeps_caches_intact(pair, sources):
     """Every draft the large model does not rank first rolls back, over long generations."""
     n = 120
@@ -123,6 +129,7 @@ def test_rollback_stress_keeps_caches_intact(pair, sources):
         assert sum(r.stats.rollbacks for r in requests) > (5 if small == "unrelated" else 0)
 
 
+@STACKS
 @pytest.mark.parametrize("mode", list(Mode))
 def test_batched_equals_alone(pair, sources, mode):
     p = params(mode, MAX_NEW, fallback_threshold=0.3, rollback_threshold=2.0, batch_independent=mode is Mode.BILD)
@@ -131,6 +138,7 @@ def test_batched_equals_alone(pair, sources, mode):
     assert together == alone
 
 
+@STACKS
 def test_sampling_is_seeded(pair, sources):
     # The distribution itself is the decoder-only path's (tests/test_sampling.py): the same code.
     p = params(Mode.EXACT, MAX_NEW, temperature=0.8, top_p=0.9, seed=7, fallback_threshold=0.3)
@@ -182,6 +190,7 @@ def test_a_pair_of_mixed_kinds_is_refused(pair):
         make_scheduler(pair["large"], tiny.build_llama(seed=4), {EOS})
 
 
+@STACKS
 def test_a_source_whose_encoding_fails_ends_only_its_request(pair, sources, references):
     scheduler = make_scheduler(pair["large"], pair["draft"], {EOS}, slots=3)
     original = scheduler.large.encode
