@@ -78,6 +78,7 @@ def _conversation(scheduler, mode: Mode, turns: int = 4) -> tuple[list[list[int]
     return outputs, requests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [Mode.LARGE, Mode.EXACT, Mode.BILD, Mode.SMALL])
 def test_a_chat_reuses_its_earlier_turns_and_answers_as_a_full_prefill_does(models, mode):
     cached, requests = _conversation(_scheduler(models), mode)
@@ -95,6 +96,7 @@ def test_a_chat_reuses_its_earlier_turns_and_answers_as_a_full_prefill_does(mode
         previous = stats.prompt_tokens + stats.generated_tokens
 
 
+@pytest.mark.slow
 def test_requests_sharing_a_system_prompt_at_once_prefill_it_once(models):
     system = _prompt(7, 60)
     prompts = [system + _prompt(10 + i, 5 + i) for i in range(4)]
@@ -107,6 +109,7 @@ def test_requests_sharing_a_system_prompt_at_once_prefill_it_once(models):
     assert [r.stats.cached_prompt_tokens for r in requests] == [0, 60, 60, 60]
 
 
+@pytest.mark.slow
 def test_least_recently_used_entries_are_evicted_and_slots_stay_the_budget(models):
     scheduler = _scheduler(models, slots=3)
     a, b, c, d = (_prompt(20 + i, 40) for i in range(4))
@@ -119,6 +122,7 @@ def test_least_recently_used_entries_are_evicted_and_slots_stay_the_budget(model
     assert again_a.stats.cached_prompt_tokens == 0
 
 
+@pytest.mark.slow
 def test_a_cancel_in_mid_prefill_leaves_only_what_was_computed(models):
     scheduler = _scheduler(models, max_prefill_tokens=8)
     prompt = _prompt(30, 50)
@@ -135,6 +139,7 @@ def test_a_cancel_in_mid_prefill_leaves_only_what_was_computed(models):
     assert outputs == reference
 
 
+@pytest.mark.slow
 def test_without_the_prefix_cache_every_prompt_is_prefilled(models):
     scheduler = _scheduler(models, prefix_cache=False)
     _, requests = _conversation(scheduler, Mode.LARGE, turns=2)
