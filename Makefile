@@ -100,10 +100,12 @@ bench-engine: setup
 bench-seq2seq: setup
 	$(PY) bench/seq2seq_speed.py $(ARGS) | tee bench/results/seq2seq_speed.md
 
-# 5,000 requests at 32 streams, every mode, sampling, stops, logprobs and cancels, through a server
-# it starts: no errors, memory flat after warm-up, every KV slot free at the end (about 40 minutes).
-soak: setup
-	$(PY) bench/soak.py $(ARGS)
+# 5,000 requests at 32 streams (chat and plain, every mode, sampling, stops, logprobs, cancels, deadlines,
+# hostile requests) through nginx in front of two servers it starts, one drained with SIGTERM and started
+# again halfway: no status a request did not ask for, each replica's memory flat after warm-up, every KV
+# slot free at the end (bench/results/soak.md). Needs nginx (make system-packages).
+soak: setup system-packages
+	$(PY) bench/soak.py --out bench/results/soak.md $(ARGS)
 
 # Against a running server (make serve): N concurrent streams, a ghz-like summary.
 load: setup
