@@ -60,8 +60,16 @@ def replicas(tiny_dirs, free_costs):
     for proc in procs:
         proc.wait_serving()
     yield procs
-    for proc in procs:
-        proc.stop()
+    stop_all(procs)
+
+
+def stop_all(servers) -> None:
+    """SIGTERM every server first, then wait for each: their drains overlap."""
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+    for server in servers:
+        server.stop()
 
 
 async def traffic(client: BildClient, until: asyncio.Event, streams: int = 4) -> list[str]:
@@ -263,8 +271,7 @@ class Trio:
         for proc in self.nginx:
             proc.terminate()
             proc.wait(10)
-        for server in self.servers:
-            server.stop()
+        stop_all(self.servers)
 
 
 @pytest.fixture(scope="module")
