@@ -163,7 +163,8 @@ def load_model(
 
     `weights`: "float" computes with `dtype` weights throughout; "int4" keeps a GGUF file's own 4-bit
     layer weights on the CPU's int4 kernel (quantized.py), where the file and the device allow, and
-    `dtype` weights elsewhere; "auto" is "int4" where it applies, silently "float" elsewhere."""
+    `dtype` weights elsewhere; "auto" is "int4" where it applies, silently "float" elsewhere. Both put
+    a restricted output head (a draft's output_vocab.json) on int8 weights, in float32 on a CPU."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if isinstance(dtype, str):
@@ -186,6 +187,10 @@ def load_model(
             model.get_output_embeddings().vocab_size,
             output_vocab.FILENAME,
         )
+        head = model.get_output_embeddings()
+        if weights != "float" and device == "cpu" and dtype == torch.float32:
+            head.quantize()
+            log.info("%s scores them on int8 weights (--weights %s)", spec, weights)
     return model, tokenizer
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scheduler import cpu_linear
+from scheduler import cpu_linear, quantized
 
 FILENAME = "output_vocab.json"
 _state = threading.local()
@@ -83,6 +83,12 @@ class SubsetHead(cpu_linear.OnednnCopy):
             bias = None if head.bias is None else head.bias[self.token_ids].clone()
             self.register_buffer("bias_sub", bias, persistent=False)
         self.reorder()
+        self.int8: quantized.Int8Head | None = None
+
+    def quantize(self) -> None:
+        """Score on int8 copies of its rows (one scale per row, as quantized.Int8Head): a quarter of
+        the bytes that every draft step streams (SmolLM2's draft: 5.5 MB against 22 MB)."""
+        self.int8 = quantized.Int8Head(_Rows(self.weight_sub, self.bias_sub))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not is_restricted():
@@ -90,10 +96,21 @@ class SubsetHead(cpu_linear.OnednnCopy):
         return cpu_linear.packed(x, self._scores, is_head=True)
 
     def _scores(self, flat: torch.Tensor) -> torch.Tensor:
-        scores = cpu_linear.product(self.weight_sub, flat, self.onednn, self.bias_sub)
+        if self.int8 is not None:
+            scores = self.int8._product(flat)
+        else:
+            scores = cpu_linear.product(self.weight_sub, flat, self.onednn, self.bias_sub)
         out = flat.new_full((flat.shape[0], self.vocab_size), torch.finfo(flat.dtype).min)
         out[:, self.token_ids] = scores
         return out
+
+
+class _Rows(nn.Module):
+    """The rows a SubsetHead scores, as the linear layer Int8Head quantizes."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
 
 
 def install(model: nn.Module, token_ids: list[int]) -> None:

@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=WEIGHTS,
         help="auto: int4 where the model is a GGUF file with Q4_0/Q4_1 layers (a Llama-family model on a CPU), "
-        "else float; int4: the same, and say so where it cannot apply; float: --dtype weights throughout. int4 "
+        "else float, and a draft's restricted output head (output_vocab.json) on int8; int4: the same, and say "
+        "so where it cannot apply; float: --dtype weights throughout. int4 "
         "runs the file's own 4-bit weights (and the output head on int8) at few-row shapes and oneDNN over the "
         "same weights at wide ones, activations rounded to bfloat16 there (default: %(default)s)",
     )

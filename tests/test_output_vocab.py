@@ -46,6 +46,25 @@ def test_runner_scores_only_the_output_vocab(tiny_dirs, restricted_draft):
     assert logits.argmax().item() in ids
 
 
+@pytest.mark.parametrize("rows", [1, 3, 9])  # the int8 kernel up to 6 rows, oneDNN over the int8 values above
+def test_the_restricted_head_on_int8_weights_scores_the_same_tokens(tiny_dirs, restricted_draft, rows):
+    path, ids = restricted_draft
+    pair = load_pair(tiny_dirs["large"], path, weights="auto")  # auto: a restricted draft head on int8
+    head = pair.small.get_output_embeddings()
+    assert head.int8 is not None
+    reference = load_pair(tiny_dirs["large"], path, weights="float").small
+    assert reference.get_output_embeddings().int8 is None
+    items = [ForwardItem(i, 0, list(range(5 + i, 25))) for i in range(rows)]
+    logits = CausalLMRunner(pair.small, rows, 64).next_token_logits(items)
+    expected = CausalLMRunner(reference, rows, 64).next_token_logits(items)
+    inside = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    inside[ids] = True
+    assert (logits[:, ~inside] == torch.finfo(logits.dtype).min).all()
+    # int8 rows with one scale each, on bfloat16 inputs: within 2% of the largest score.
+    error = (logits[:, inside] - expected[:, inside]).abs().max()
+    assert error <= 0.02 * expected[:, inside].abs().max()
+
+
 def test_exact_mode_with_a_restricted_draft_equals_large_greedy(tiny_dirs, restricted_draft):
     path, _ = restricted_draft
     pair = load_pair(tiny_dirs["large"], path)
