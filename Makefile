@@ -5,7 +5,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lock system-packages serve test lint format proto bench bench-peers bench-kernels bench-weights bench-engine bench-seq2seq soak align align-magpie load clean
+.PHONY: setup lock system-packages serve test lint format proto bench bench-peers bench-prefix bench-kernels bench-weights bench-engine bench-seq2seq soak align align-magpie load clean
 
 setup: $(VENV)/.installed
 
@@ -82,6 +82,12 @@ bench: setup
 bench-peers: setup
 	$(PY) -m pip install -q -c requirements.lock -e '.[bench]'
 	$(PY) bench/peers.py --out bench/results/peers.md $(ARGS)
+
+# A scripted 10-turn chat, 8 conversations at once: time to first token per turn and tokens/s, with and
+# without the prefix cache and against llama.cpp's cache_prompt (bench/results/prefix.md; about 12 minutes).
+bench-prefix: setup
+	$(PY) -m pip install -q -c requirements.lock -e '.[bench]'
+	$(PY) bench/prefix.py --out bench/results/prefix.md $(ARGS)
 
 # ms per pass of SmolLM2's products on each CPU kernel, by rows (bench/results/cpu_kernels.md).
 bench-kernels: setup

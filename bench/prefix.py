@@ -102,7 +102,10 @@ async def chat(url: str, system: str, users: list[list[str]], extra: dict) -> tu
             messages.append({"role": "assistant", "content": "".join(answer)})
         return firsts
 
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    # A connection per request: llama-server closes a connection after a streamed response, and a
+    # request sent on it then fails.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         async with session.get(url + "/v1/models") as response:
             model = (await response.json())["data"][0]["id"]
         started = time.monotonic()
