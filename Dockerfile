@@ -7,7 +7,9 @@ FROM python:3.12-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false BILD_CACHE_DIR=/home/bild/.cache/bild
 
-RUN useradd --create-home --uid 10001 bild
+# gcc builds the native kernels (scheduler/native) once, below, as the user that runs the server.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 bild
 WORKDIR /opt/bild
 COPY pyproject.toml README.md requirements.lock ./
 COPY scheduler scheduler
@@ -21,7 +23,8 @@ RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" -c requirements.
 
 USER bild
 # Dequantize the GGUF file and measure nothing yet: the first start then takes seconds, not half a minute.
-RUN python -c "from scheduler.loading import load_model; load_model('smollm2-135m-instruct', 'cpu', 'float32')"
+RUN python -c "from scheduler.loading import load_model; load_model('smollm2-135m-instruct', 'cpu', 'float32')" \
+ && python -c "from scheduler import native; assert native.available()"
 
 EXPOSE 50051 9090
 # A non-loopback address needs TLS or an API key; --insecure is for a private network (a pod).

@@ -31,9 +31,10 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' ) > requirements.lock
 	rm -rf .lock-venv
 
-# nginx (gRPC load balancing in front of replicas) and chromium (the chat page, headless) for the tests:
-# installed where missing when run as root (CI, a fresh machine), else the one command to run.
-SYSTEM_PACKAGES := nginx:/usr/sbin/nginx chromium:/usr/bin/chromium
+# nginx (gRPC load balancing in front of replicas), chromium (the chat page, headless) and gcc (the
+# native kernels, built on first use) for the tests: installed where missing when run as root (CI, a
+# fresh machine), else the one command to run.
+SYSTEM_PACKAGES := nginx:/usr/sbin/nginx chromium:/usr/bin/chromium gcc:/usr/bin/gcc
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
 		package=$${entry%%:*}; binary=$${entry#*:}; \

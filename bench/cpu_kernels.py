@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scheduler import cpu_linear, precision
+from scheduler import cpu_linear, native, precision
 
 LAYERS = 30
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) of qkv, o, gate_up, down
@@ -46,6 +46,24 @@ def int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales_zeros = torch.stack([scale.view(n, -1), (low + 8 * scale).view(n, -1)], -1).transpose(0, 1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     return packed, scales_zeros.to(torch.bfloat16).contiguous()
+
+
+def q4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 blocks as the native kernel takes them: nibbles [N, K/2], d and m [N, K/32]."""
+    n, k = weight.shape
+    groups = weight.view(n, k // 32, 32)
+    low, high = groups.amin(-1), groups.amax(-1)
+    d = ((high - low) / 15).clamp(min=1e-8)
+    q = torch.round((groups - low[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8)
+    nibbles = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+    return nibbles, d.contiguous(), low.contiguous()
+
+
+def q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = weight.shape
+    groups = weight.view(n, k // 32, 32)
+    d = groups.abs().amax(-1) / 127
+    return torch.round(groups / d[..., None]).to(torch.int8).view(n, k), d.contiguous()
 
 
 def int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +106,14 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, Callable[[dict[int, torch.
         ),
         "dynamic int8, fbgemm (rounds by batch)": lambda xs: lambda: [m(xs[m.in_features]) for m in dynamic],
     }
+    if native.available():  # bild's own kernels (scheduler/native): 8-bit activations, as llama.cpp
+        q4s, q8s = [q4_blocks(w) for w in weights], [q8_blocks(w) for w in weights]
+        table["Q4_1 blocks, 8-bit activations (native; --weights auto)"] = lambda xs: (
+            lambda: [native.q4_linear(xs[w.shape[1]], *q) for w, q in zip(weights, q4s)]
+        )
+        table["Q8_0 blocks, 8-bit activations (native; the int4 model's head)"] = lambda xs: (
+            lambda: [native.q8_linear(xs[w.shape[1]], *q) for w, q in zip(weights, q8s)]
+        )
     return table
 
 

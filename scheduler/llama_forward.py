@@ -14,6 +14,13 @@ computes the stack here instead, with the model's own weights:
 - only attention sees the batch's structure: the queries are laid out [B, heads, Q, head_dim]
   (padded only when sequences feed different counts) over the slot cache's keys and values.
 
+**One native call** (`native.LlamaLayers`, C in scheduler/native) computes the whole stack where
+the model's products are a GGUF file's Q4 blocks on the native kernels, or float32 weights of a
+draft-sized model: norms, products, rotation, the cache's writes and attention per token row, with
+no Python between them. At one token the eager loop below spent more time between its ~30
+operations per layer than in them (SmolLM2's int4 forward: 27.7 ms eager, 13.0 ms as one call).
+Each token's row is computed alone, in one order, so its logits are the same in any batch.
+
 **Batch-invariant kernels** (`invariant`, bild-server's `--invariant-kernels`). A token's logits
 can come out rounded differently by where it was computed: alone or beside other tokens, in a
 forward over one row or several. Where two candidate tokens are that close, greedy decoding then
@@ -46,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scheduler import cpu_linear, output_vocab, quantized
+from scheduler import cpu_linear, native, output_vocab, quantized
 from scheduler.kv_cache import SlotKVCache
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,8 @@ MIN_GEMM_ROWS = 4  # rows of each matrix in attention's batched products
 PROBE_ROWS = 256
 PROBE_COUNTS = (*range(1, 34), 48, 64, 128, 192)
 MAX_PAD_ROWS = 64
+# Float32 models whose layers hold at most this many bytes run as one native call (a draft: 8 MB).
+NATIVE_FLOAT_BYTES = 64 << 20
 
 
 def supports(model: nn.Module) -> bool:
@@ -217,7 +226,9 @@ class Batch:
     items: int  # B sequences
     width: int  # Q: the most tokens one item feeds
     query_rows: torch.Tensor | None  # [N] row of each token in the [B * Q] query layout; None: all items feed Q
-    mask: torch.Tensor  # [B, 1, Q, kv_len] additive: 0 where a query sees a key, the dtype's minimum elsewhere
+    # [B, 1, Q, kv_len] additive: 0 where a query sees a key, the dtype's minimum elsewhere (None for the
+    # native stack, which reads each token's own positions)
+    mask: torch.Tensor | None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -244,7 +255,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 class LlamaForward:
     """The decoder stack of one model (see the module's docstring); the model keeps its weights."""
 
-    def __init__(self, model: nn.Module, invariant: bool = False) -> None:
+    def __init__(self, model: nn.Module, invariant: bool = False, native: bool = True) -> None:
         if not supports(model):
             raise ValueError(f"{type(model).__name__} is not a plain Llama-family decoder")
         self.model = model
@@ -273,6 +284,81 @@ class LlamaForward:
         self.min_rows: dict[str, int] = {}
         if self.invariant:
             self.min_rows = self._probe(model)
+        self.native = self._native_layers(model) if native else None
+
+    def _native_layers(self, model: nn.Module) -> native.LlamaLayers | None:
+        """The whole stack as one native call, for a float32 model on this CPU whose products are all
+        Q4 blocks on the native kernels (a GGUF file's int4 weights), or all float32 weights of a
+        model small enough (NATIVE_FLOAT_BYTES) that its forward costs more between operations than
+        in them: a draft. Bigger float models keep oneDNN's GEMMs, faster over many rows."""
+        weight = next(model.parameters())
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not native.stack_available():
+            return None
+        if self.num_heads % self.num_kv_heads or len({layer.eps for layer in self.layers}) != 1:
+            return None
+        products = [
+            [*layer.qkv.linears, layer.o_proj.args[0], *layer.gate_up.linears, layer.down_proj.args[0]]
+            for layer in self.layers
+        ]
+        linears = [linear for layer in products for linear in layer]
+        if all(isinstance(linear, quantized.Int4Linear) and linear.native for linear in linears):
+            if any(getattr(linear, "bias", None) is not None for linear in linears):
+                return None  # GGUF's Q4 layers that the loader replaces have none
+            if any(layer.qkv.int4 is None or layer.gate_up.int4 is None for layer in self.layers):
+                return None
+
+            joined = [
+                (layer.qkv.int4, layer.o_proj.args[0], layer.gate_up.int4, layer.down_proj.args[0])
+                for layer in self.layers
+            ]
+        elif all(isinstance(linear, (nn.Linear, cpu_linear.CpuLinear)) for linear in linears):
+            if sum(linear.weight.numel() * 4 for linear in linears) > NATIVE_FLOAT_BYTES:
+                return None
+
+            def floats(parts: list[nn.Module]) -> torch.Tensor:
+                return torch.cat([part.weight.detach().float() for part in parts]).contiguous()
+
+            joined = [
+                (
+                    floats(layer.qkv.linears),
+                    floats([layer.o_proj.args[0]]),
+                    floats(layer.gate_up.linears),
+                    floats([layer.down_proj.args[0]]),
+                )
+                for layer in self.layers
+            ]
+        else:
+            return None
+        layers = []
+        for layer, parts, (qkv, o, gate_up, down) in zip(self.layers, products, joined):
+            entry = {
+                "input_norm": layer.input_norm.detach().float().contiguous(),
+                "post_norm": layer.post_norm.detach().float().contiguous(),
+                "qkv": qkv,
+                "o": o,
+                "gate_up": gate_up,
+                "down": down,
+            }
+            groups = {"qkv": parts[:3], "o": parts[3:4], "gate_up": parts[4:6], "down": parts[6:]}
+            for name, group in groups.items():
+                biases = [getattr(linear, "bias", None) for linear in group]
+                if any(b is not None for b in biases):
+                    sizes = [linear.weight.shape[0] for linear in group]
+                    entry[f"{name}_bias"] = torch.cat(
+                        [torch.zeros(n) if b is None else b.detach().float() for b, n in zip(biases, sizes)]
+                    ).contiguous()
+            layers.append(entry)
+        config = model.config
+        shape = {
+            "hidden": config.hidden_size,
+            "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate": config.intermediate_size,
+            "eps": self.layers[0].eps,
+            "scaling": self.scaling,
+        }
+        return native.LlamaLayers(layers, shape)
 
     def _probe(self, model: nn.Module) -> dict[str, int]:
         """min_rows for each product, or InvariantKernelsUnavailable where no padding makes it round alike."""
@@ -322,8 +408,16 @@ class LlamaForward:
         inner = self.model.model
         x = inner.embed_tokens(batch.input_ids)
         cos, sin = inner.rotary_emb(x, batch.positions[None])
-        cos, sin = cos[0, :, None], _signed_sin(sin[0, :, None])  # [N, 1, head_dim]: one per token, shared by heads
         n, d = x.shape[0], self.head_dim
+        if self.native is not None:
+            x = x.contiguous()
+            signed_sin = _signed_sin(sin[0]).contiguous()
+            layout = cache.layout
+            self.native(
+                x, cos[0].contiguous(), signed_sin, cache.keys, cache.values, layout.write_slots, batch.positions
+            )
+            return inner.norm(x)
+        cos, sin = cos[0, :, None], _signed_sin(sin[0, :, None])  # [N, 1, head_dim]: one per token, shared by heads
         q_size = self.num_heads * d
         padded = rows > n
         if padded:

@@ -30,8 +30,11 @@ class ForwardItem:
 class CausalLMRunner:
     """Batched forwards of a decoder-only Hugging Face model over a SlotKVCache."""
 
-    def __init__(self, model: PreTrainedModel, num_slots: int, max_len: int, invariant: bool = False) -> None:
-        """`invariant`: batch-invariant kernels (see llama_forward), for models the stack computes."""
+    def __init__(
+        self, model: PreTrainedModel, num_slots: int, max_len: int, invariant: bool = False, native: bool = True
+    ) -> None:
+        """`invariant`: batch-invariant kernels (see llama_forward), for models the stack computes;
+        `native`: the stack as one native call where it applies (LlamaForward's `native`)."""
         self.model = model
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -62,7 +65,7 @@ class CausalLMRunner:
         # Products leave the padding out only where CpuLinear runs them (on a CPU: see cpu_linear.install).
         self.pack = cpu_linear.install(model) > 0
         # Llama-family decoders run as a plain layer stack (llama_forward.py), others in transformers.
-        self.stack = llama_forward.LlamaForward(model, invariant) if llama_forward.supports(model) else None
+        self.stack = llama_forward.LlamaForward(model, invariant, native) if llama_forward.supports(model) else None
         self.invariant = self.stack is not None and self.stack.invariant
         # run_as[n]: a forward over n tokens computes this many rows (n, or more where the CPU's
         # kernels happen to be faster at the larger count). Set from the measured cost profile
@@ -131,15 +134,19 @@ class CausalLMRunner:
         positions = starts[item_of_row] + column
         kv_len = self._prepare_cache(items, slots, starts + lengths, slots[item_of_row], positions)
         # Query j of an item sees its keys 0..start+j. Queries past an item's own tokens (padding, where
-        # items feed different counts) see as many, which are finite, and are never read.
-        query_positions = starts[:, None] + torch.arange(width, device=device)[None, :]  # [B, Q]
+        # items feed different counts) see as many, which are finite, and are never read. (The native
+        # stack reads each token's positions itself: no mask.)
+        mask = None
+        if self.stack.native is None:
+            query_positions = starts[:, None] + torch.arange(width, device=device)[None, :]  # [B, Q]
+            mask = self._mask(query_positions, kv_len)
         batch = llama_forward.Batch(
             input_ids=torch.tensor([t for item in items for t in item.tokens], device=device),
             positions=positions,
             items=len(items),
             width=width,
             query_rows=None if bool((lengths == width).all()) else item_of_row * width + column,
-            mask=self._mask(query_positions, kv_len),
+            mask=mask,
         )
         with cpu_linear.active(), output_vocab.restricted():
             hidden = self.stack.hidden(batch, self.cache, rows)

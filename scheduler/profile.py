@@ -33,7 +33,7 @@ from scheduler.policy import CostModel, CostTable
 log = logging.getLogger(__name__)
 
 # Of the runner's arithmetic and of how it is measured: change it when either changes, so caches are remeasured.
-VERSION = 6  # 6: padded row counts pad only the products (no scratch item, no gather)
+VERSION = 7  # 7: int4 models and drafts run as one native call (scheduler/native)
 PREFIX = 64  # cached tokens under each measured forward
 REPEATS = 3  # passes over every count; a count costs its fastest pass
 BUSY = 0.2  # share of the measuring threads' time spent waiting for a core beyond which nothing is cached

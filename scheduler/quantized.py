@@ -15,13 +15,18 @@ the one the file holds, not a second quantization of it. Tensors of other types 
 embedding, which the output head shares) keep the loader's float copy; the head gets an int8 copy
 of its own (Int8Head).
 
-The integer kernels are GEMVs: fastest over a few rows, and several times slower than oneDNN's
-float32 GEMM over many (bench/results/cpu_kernels.md: int4 2.1x faster than float32 over one row,
-even at 16, 1.7x slower at 64). Decoding steps are few rows; verification, full batches and
-prefill many. So a forward over more than INT4_MAX_ROWS rows runs oneDNN over a float32 copy of the
-very weights the int4 kernel computes with, on inputs rounded to bfloat16 and outputs rounded to
-bfloat16 as the kernel's are: the same arithmetic up to the order of float32 additions, the kind of
-difference that batching already makes in float32 (see llama_forward's invariant kernels).
+**Native kernels** (scheduler/native, built with the machine's C compiler on first use) compute
+as llama.cpp does: the file's blocks with their exact fp16 scales and offsets, against activations
+quantized per row to 8 bits in blocks of 32, summed as integers. Every output element is computed
+alone in a fixed order, so a token's result is bit for bit the same whatever forward it is in, at
+any load and in every mode: exact equals large by construction. They compute every forward, wide
+ones too: oneDNN's float32 GEMM is faster from a few dozen rows on (prefill, full batches), but a
+second kernel would round a token differently by the forward it lands in, and 8-bit activations
+turn the smallest difference into a different rounding step (bench/results/cpu_kernels.md).
+
+Without a C compiler the layers run on torch's `_weight_int4pack_mm_for_cpu` (bfloat16 activations,
+scales rounded to bfloat16), and forwards over more than INT4_MAX_ROWS rows on oneDNN with inputs
+and outputs rounded to bfloat16 as that kernel's are (bench/results/cpu_kernels.md).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scheduler import cpu_linear
+from scheduler import cpu_linear, native
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +71,17 @@ def _wide_copy(weight: torch.Tensor) -> torch.Tensor | None:
 class Int4Linear(nn.Module):
     """y = x @ W.T with W held as 4-bit values and a float scale and zero point per group of 32."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, wide: bool = True) -> None:
-        """q: [N, K] integers 0..15; scales, zeros: [N, K / GROUP] float32; w = (q - 8) * scale + zero.
-        `wide`: keep oneDNN's float32 copy for forwards over more than INT4_MAX_ROWS rows (else the
-        int4 kernel computes every forward)."""
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, wide: bool = True) -> None:
+        """q: [N, K] integers 0..15; d, m: [N, K / GROUP] float32; w = d * q + m (GGUF's Q4_1; Q4_0 is
+        m = -8 d). `wide`: keep oneDNN's float32 copy for wide forwards (see the module's docstring)."""
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q.to(torch.uint8), persistent=False)  # kept to join and to re-pack
-        # The kernel takes its scales and zero points in its activations' dtype: bfloat16.
-        self.register_buffer("scales", _bfloat16_rounded(scales.float()).contiguous(), persistent=False)
-        self.register_buffer("zeros", _bfloat16_rounded(zeros.float()).contiguous(), persistent=False)
+        self.register_buffer("d", d.float().contiguous(), persistent=False)
+        self.register_buffer("m", m.float().contiguous(), persistent=False)
+        self.native = native.available()
         self._pack()
-        self.onednn = _wide_copy(self.dequantized()) if wide else None
+        self.onednn = _wide_copy(self.dequantized()) if wide and not self.native else None
 
     # oneDNN's copy has no storage to copy: a deep or unpickled copy makes its own again.
     def __getstate__(self) -> dict:
@@ -88,10 +92,14 @@ class Int4Linear(nn.Module):
         self.onednn = _wide_copy(self.dequantized()) if state["onednn"] else None
 
     def _pack(self) -> None:
+        if self.native:  # GGUF's block layout: byte j of a block holds value j and value j + 16
+            blocks = self.q.view(self.out_features, -1, 2, GROUP // 2)
+            self.nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(self.out_features, -1).contiguous()
+            return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), INNER_K_TILES)
-        # [K / GROUP, N, 2], the kernel's layout, in its activations' dtype (bfloat16: the scales
-        # keep 8 of fp16's 11 significant bits)
-        scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1)
+        # torch's kernel: w = (q - 8) * scale + zero, with scales and zero points in its activations'
+        # dtype, [K / GROUP, N, 2] (bfloat16 keeps 8 of fp16's 11 significant bits)
+        scales_zeros = torch.stack([self.d, self.m + 8 * self.d], dim=-1).transpose(0, 1)
         self.scales_zeros = scales_zeros.to(torch.bfloat16).contiguous()
 
     @classmethod
@@ -102,17 +110,25 @@ class Int4Linear(nn.Module):
             m.onednn = None
         return cls(
             torch.cat([m.q for m in linears]),
-            torch.cat([m.scales for m in linears]),
-            torch.cat([m.zeros for m in linears]),
+            torch.cat([m.d for m in linears]),
+            torch.cat([m.m for m in linears]),
         )
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 [N, K] weight the kernel computes with."""
-        return _values(self.q, self.scales, self.zeros)
+        """The float32 [N, K] weight the kernels compute with."""
+        n, k = self.q.shape
+        q = self.q.float().view(n, -1, GROUP)
+        if self.native:
+            return (q * self.d[..., None] + self.m[..., None]).view(n, k)
+        # as torch's kernel computes: (q - 8) * scale + zero, in bfloat16's scales and zero points
+        scale, zero = _bfloat16_rounded(self.d), _bfloat16_rounded(self.m + 8 * self.d)
+        return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > INT4_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
+        if self.native and flat.dtype == torch.float32 and flat.device.type == "cpu":
+            out = native.q4_linear(flat, self.nibbles, self.d, self.m)
+        elif flat.shape[0] > INT4_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
             out = _bfloat16_rounded(cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn))
         else:
             # The kernel's fast path takes bfloat16 activations (float32 ones ran 5-9x slower): inputs
@@ -127,13 +143,15 @@ class Int4Linear(nn.Module):
 
 
 class Int8Head(nn.Module):
-    """An output head over int8 weights with one scale per output row, on `_weight_int8pack_mm`.
+    """An output head over 8-bit weights.
 
     The head of SmolLM2 (its tied embedding, Q8_0 in the file: 32-value blocks) is 28M of its 134M
     parameters: in float32, 113 MB that every step streams, as much as its int4 layers together.
-    The kernel takes one scale per row, not per block, so the file's values are quantized again
-    (to the row's largest, over 127). Runner forwards use it (cpu_linear.active()); anything else
-    calling the model gets the float weight, which stays shared with the embedding.
+    With the native kernels it keeps Q8_0's layout, a scale per block of 32 (the largest over 127:
+    for the file's own Q8_0 values that gives back the file's blocks); without them it runs on
+    `_weight_int8pack_mm`, which takes one scale per row, so the values are quantized again to the
+    row's largest. Runner forwards use it (cpu_linear.active()); anything else calling the model
+    gets the float weight, which stays shared with the embedding.
     """
 
     def __init__(self, head: nn.Module) -> None:
@@ -141,13 +159,20 @@ class Int8Head(nn.Module):
         self.weight = head.weight  # the float weight, tied to the embedding where the model ties them
         self.bias = getattr(head, "bias", None)
         self.out_features, self.in_features = self.weight.shape
+        self.native = native.available() and self.in_features % GROUP == 0
         with torch.no_grad():
             weight = self.weight.float()
-            scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.int8 = torch.round(weight / scales[:, None]).to(torch.int8)
-            self.scales = scales.to(torch.bfloat16)
-            # Wide forwards (verification, full batches): oneDNN over these same int8 values in float32.
-            self.onednn = self._wide()
+            if self.native:
+                blocks = weight.view(self.out_features, -1, GROUP)
+                self.scales = blocks.abs().amax(dim=-1) / 127  # [N, K / GROUP]
+                divisor = torch.where(self.scales == 0, 1.0, self.scales)[..., None]
+                self.int8 = torch.round(blocks / divisor).to(torch.int8).view(self.out_features, -1)
+            else:
+                scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+                self.int8 = torch.round(weight / scales[:, None]).to(torch.int8)
+                self.scales = scales.to(torch.bfloat16)
+            # Wide forwards (without native kernels): oneDNN over these same int8 values in float32.
+            self.onednn = None if self.native else self._wide()
 
     def _wide(self) -> torch.Tensor | None:
         # The integer values themselves, scaled after the sum as the int8 kernel scales them.
@@ -166,7 +191,9 @@ class Int8Head(nn.Module):
         return cpu_linear.packed(x, self._product, is_head=True)
 
     def _product(self, flat: torch.Tensor) -> torch.Tensor:
-        if flat.shape[0] > INT8_HEAD_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
+        if self.native and flat.dtype == torch.float32 and flat.device.type == "cpu":
+            out = native.q8_linear(flat, self.int8, self.scales)
+        elif flat.shape[0] > INT8_HEAD_MAX_ROWS and self.onednn is not None and flat.dtype == torch.float32:
             out = cpu_linear.onednn_product(_bfloat16_rounded(flat), self.onednn) * self.scales.float()
             out = _bfloat16_rounded(out)
         else:
@@ -174,17 +201,12 @@ class Int8Head(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
-
-
-def _values(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """(q - 8) * scale + zero per group of 32: [N, K] float32."""
-    n, k = q.shape
-    return ((q.float().view(n, -1, GROUP) - 8) * scales[..., None] + zeros[..., None]).view(n, k)
+        kind = "int8 per block of 32" if self.native else "int8 per row"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
 def _blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A GGUF tensor's raw Q4_0/Q4_1 blocks [N, blocks * bytes] -> (q [N, K], scales, zeros [N, K / 32])."""
+    """A GGUF tensor's raw Q4_0/Q4_1 blocks [N, blocks * bytes] -> (q [N, K], d, m [N, K / 32]): w = d * q + m."""
     n = data.shape[0]
     size = {"Q4_0": 18, "Q4_1": 20}[kind]
     blocks = data.reshape(n, -1, size)
@@ -192,13 +214,12 @@ def _blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, to
     if kind == "Q4_1":
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         nibbles = blocks[..., 4:]
-        zeros = m + 8 * d
     else:
         nibbles = blocks[..., 2:]
-        zeros = np.zeros_like(d)
+        m = -8 * d
     # Byte j holds element j in its low nibble and element j + 16 in its high one.
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, -1)
-    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zeros)
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
 
 
 def _unpermute(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -231,13 +252,13 @@ def install_from_gguf(model: nn.Module, gguf_file: Path) -> int:
         linear = getattr(parent, projection)
         if getattr(linear, "bias", None) is not None:
             continue
-        q, scales, zeros = _blocks(np.asarray(tensor.data), kind)
+        q, d, m = _blocks(np.asarray(tensor.data), kind)
         if parts[2] in heads:
-            q, scales, zeros = (_unpermute(t, heads[parts[2]]) for t in (q, scales, zeros))
-        values = _values(q, scales, zeros)
+            q, d, m = (_unpermute(t, heads[parts[2]]) for t in (q, d, m))
+        values = (q.float().view(q.shape[0], -1, GROUP) * d[..., None] + m[..., None]).view(q.shape)
         if values.shape != linear.weight.shape or not torch.allclose(values, linear.weight.float(), rtol=0, atol=1e-5):
             raise ValueError(f"{gguf_file.name}: {tensor.name} does not match the loader's weights as read")
         # Projections that the Llama stack joins (q/k/v, gate/up) get their float32 copy joined too.
-        setattr(parent, projection, Int4Linear(q, scales, zeros, wide=projection in ("o_proj", "down_proj")))
+        setattr(parent, projection, Int4Linear(q, d, m, wide=projection in ("o_proj", "down_proj")))
         replaced += 1
     return replaced

@@ -67,12 +67,14 @@ def _reference(model, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens])).logits[0].float()
 
 
-@pytest.mark.parametrize("invariant", [False, True], ids=["sdpa", "invariant"])
+@pytest.mark.parametrize("path", ["native", "sdpa", "invariant"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_the_stack_computes_transformers_logits(family, invariant):
+def test_the_stack_computes_transformers_logits(family, path):
     model, stock = _pair(family)
-    runner = CausalLMRunner(model, num_slots=4, max_len=64, invariant=invariant)
+    invariant = path == "invariant"
+    runner = CausalLMRunner(model, num_slots=4, max_len=64, invariant=invariant, native=path == "native")
     assert runner.stack is not None and runner.invariant == invariant
+    assert (runner.stack.native is not None) == (path == "native")
     torch.manual_seed(1)
     seqs = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4, 14)]
     slots = [3, 0, 1]  # not contiguous: attention gathers the live rows
@@ -113,7 +115,7 @@ def test_a_bfloat16_stack_stays_near_transformers():
 
 def test_the_joined_products_replace_the_layers_own_onednn_copies():
     model, _ = _pair("llama")
-    runner = CausalLMRunner(model, num_slots=1, max_len=32)
+    runner = CausalLMRunner(model, num_slots=1, max_len=32, native=False)
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")
     layer, attention = runner.stack.layers[0], model.model.layers[0].self_attn
@@ -130,10 +132,11 @@ def test_only_plain_llama_layers_take_the_stack():
     assert CausalLMRunner(qwen3, num_slots=1, max_len=32).stack is None
 
 
-def _logits_by_batching(model, invariant: bool) -> list[torch.Tensor]:
+def _logits_by_batching(model, invariant: bool, native: bool = False) -> list[torch.Tensor]:
     """The same 8 tokens' logits after one prompt, computed one at a time, all at once, beside
     another sequence's tokens, and four at a time."""
-    runner = CausalLMRunner(model, num_slots=5, max_len=128, invariant=invariant)
+    runner = CausalLMRunner(model, num_slots=5, max_len=128, invariant=invariant, native=native)
+    assert (runner.stack.native is not None) == native
     torch.manual_seed(4)
     prompt, other, fed = (torch.randint(0, 300, (n,)).tolist() for n in (37, 50, 8))
     for slot in range(4):
@@ -167,6 +170,17 @@ def test_invariant_kernels_give_a_token_the_same_logits_however_it_is_batched(dt
         # that at this model's size; tests/test_smollm2.py shows it on SmolLM2.)
         one, *others = _logits_by_batching(model, invariant=False)
         assert not all(torch.equal(one, other) for other in others)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_the_native_stack_gives_a_token_the_same_logits_however_it_is_batched(kv_heads):
+    """Without --invariant-kernels: the native call computes every row alone, in one order."""
+    shape = dict(SHAPE, hidden_size=192, intermediate_size=1536, num_attention_heads=6, num_key_value_heads=kv_heads)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
+    one, *others = _logits_by_batching(model, invariant=False, native=True)
+    for other in others:
+        assert torch.equal(one, other)
 
 
 def _rounding_by_rows(differs) -> callable:

@@ -1,4 +1,4 @@
-"""int4 weights (`--weights int4`): a GGUF file's own Q4 blocks on torch's int4 CPU kernel."""
+"""int4 weights (`--weights int4`): a GGUF file's own Q4 blocks on the native kernels (scheduler/native)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,22 @@ import torch
 from gguf import GGMLQuantizationType, quants
 from torch.nn import functional as F
 
-from scheduler import quantized
+from scheduler import cpu_linear, native, quantized
 from scheduler.loading import SMOLLM2_ALIAS, load_model
 from scheduler.request import Mode
 from tests.engine_util import make_scheduler, params, run
+
+
+def test_native_kernels_build_here():
+    """make system-packages installs a C compiler; without one the server would fall back to torch's
+    slower kernels, and these tests would not test what users run."""
+    assert native.available(), "no native kernels: is a C compiler installed (make system-packages)?"
+
+
+def test_native_build_says_why_without_a_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    why = native._compile(tmp_path / "lib.so")
+    assert why is not None and "no-such-compiler" in why
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
@@ -20,30 +32,58 @@ def test_blocks_read_as_gguf_reads_them(kind):
     weight = rng.standard_normal((48, 96)).astype(np.float32)
     blocks = quants.quantize(weight, GGMLQuantizationType[kind])
     want = torch.from_numpy(quants.dequantize(blocks, GGMLQuantizationType[kind]))
-    values = quantized._blocks(blocks, kind)
-    assert torch.allclose(quantized._values(*values), want, rtol=0, atol=1e-6)
-    layer = quantized.Int4Linear(*values)
-    # The kernel computes with those weights, its scales rounded to bfloat16 (and its inputs and outputs).
-    assert torch.allclose(layer.dequantized(), want, rtol=0, atol=0.01 * float(want.abs().max()))
-    for rows in (5, quantized.INT4_MAX_ROWS + 1):  # the int4 kernel, and oneDNN over the same weights
+    layer = quantized.Int4Linear(*quantized._blocks(blocks, kind))
+    assert torch.allclose(layer.dequantized(), want, rtol=0, atol=1e-6)  # the file's values, exactly
+    for rows in (5, quantized.INT4_MAX_ROWS + 1):  # the native kernel, and oneDNN over the same weights
         x = torch.randn(rows, 96)
         got, exact = layer(x), F.linear(x, want)
         assert got.dtype == torch.float32 and got.shape == (rows, 48)
-        assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+        # activations in 8 bits per block of 32, as llama.cpp computes
+        assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+        assert torch.allclose(got, F.linear(_q8_rounded(x), want), rtol=1e-5, atol=1e-5)
 
 
-def test_wide_forwards_compute_what_the_int4_kernel_computes():
-    """Over more than INT4_MAX_ROWS rows oneDNN runs the same weights on the same rounded inputs: the
-    rows agree with the int4 kernel's to the order of float32 additions, rounded to bfloat16."""
-    rng = np.random.default_rng(2)
-    blocks = quants.quantize(rng.standard_normal((64, 128)).astype(np.float32), GGMLQuantizationType.Q4_1)
-    layer = quantized.Int4Linear(*quantized._blocks(blocks, "Q4_1"))
-    assert layer.onednn is not None
+def _q8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the native kernels see it: each block of 32 rounded to 8 bits of its largest over 127."""
+    blocks = x.view(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(scale == 0, 1.0, scale)) * scale).view(x.shape)
+
+
+def _q4_layer(seed: int, n: int = 64, k: int = 128) -> quantized.Int4Linear:
+    rng = np.random.default_rng(seed)
+    blocks = quants.quantize(rng.standard_normal((n, k)).astype(np.float32), GGMLQuantizationType.Q4_1)
+    return quantized.Int4Linear(*quantized._blocks(blocks, "Q4_1"))
+
+
+def test_native_rows_come_out_the_same_in_any_batch():
+    """Each output element is computed alone, in one order: a row alone, among 3 or among 40 (tiles of
+    4 rows, remainders, threads) gives the same bits. This is what makes exact equal large."""
+    layer = _q4_layer(3, n=70)  # an odd tail of output columns too
+    torch.manual_seed(0)
+    x = torch.randn(40, 128)
+    together = layer(x)
+    assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(40)]), together)
+    assert torch.equal(layer(x[5:8]), together[5:8])
+    head = quantized.Int8Head(torch.nn.Linear(128, 300, bias=False))
+    with cpu_linear.active():
+        together = head(x)
+        assert torch.equal(torch.cat([head(x[i : i + 1]) for i in range(40)]), together)
+
+
+def test_without_a_compiler_torchs_kernels_compute_the_same_weights(monkeypatch):
+    """The fallback: torch's int4 kernel over few rows, oneDNN over the same weights on the same
+    bfloat16-rounded inputs over many; rows agree to the order of float32 additions."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    layer = _q4_layer(2)
+    assert not layer.native and layer.onednn is not None
     x = torch.randn(quantized.INT4_MAX_ROWS + 4, 128)
     wide = layer(x)
     narrow = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
     assert (wide != narrow).float().mean() < 0.05  # bfloat16's last bit, seldom
     assert torch.allclose(wide, narrow, rtol=1e-2, atol=1e-2)
+    want = F.linear(x, layer.dequantized())
+    assert (wide - want).abs().max() < 0.02 * want.abs().max()
 
 
 def test_joined_layers_compute_their_parts_side_by_side():
@@ -56,8 +96,6 @@ def test_joined_layers_compute_their_parts_side_by_side():
 
 
 def test_int8_head_runs_on_int8_in_runner_forwards_only():
-    from scheduler import cpu_linear
-
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 300, bias=False)
     head = quantized.Int8Head(linear)
