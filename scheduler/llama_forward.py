@@ -17,9 +17,9 @@ computes the stack here instead, with the model's own weights:
 **One native call** (`native.LlamaLayers`, C in scheduler/native) computes the whole stack where
 the model's products are a GGUF file's Q4 blocks on the native kernels, or float32 weights of a
 draft-sized model: norms, products, rotation, the cache's writes and attention per token row, with
-no Python between them. At one token the eager loop below spent more time between its ~30
-operations per layer than in them (SmolLM2's int4 forward: 27.7 ms eager, 13.0 ms as one call).
-Each token's row is computed alone, in one order, so its logits are the same in any batch.
+no Python between them: at one token the eager loop below spent more time between its ~30
+operations per layer than in them. Each token's row is computed alone, in one order, so its logits
+are the same in any batch (bench/results/cpu_kernels.md has the timings).
 
 **Batch-invariant kernels** (`invariant`, bild-server's `--invariant-kernels`). A token's logits
 can come out rounded differently by where it was computed: alone or beside other tokens, in a
@@ -65,6 +65,9 @@ MIN_GEMM_ROWS = 4  # rows of each matrix in attention's batched products
 PROBE_ROWS = 256
 PROBE_COUNTS = (*range(1, 34), 48, 64, 128, 192)
 MAX_PAD_ROWS = 64
+# Rotary types whose angles depend on the position alone (not "dynamic" or "longrope", which rescale
+# by the sequence's length): the native stack reads them from a table of every position.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Float32 models whose layers hold at most this many bytes run as one native call (a draft: 8 MB).
 NATIVE_FLOAT_BYTES = 64 << 20
 
@@ -226,9 +229,7 @@ class Batch:
     items: int  # B sequences
     width: int  # Q: the most tokens one item feeds
     query_rows: torch.Tensor | None  # [N] row of each token in the [B * Q] query layout; None: all items feed Q
-    # [B, 1, Q, kv_len] additive: 0 where a query sees a key, the dtype's minimum elsewhere (None for the
-    # native stack, which reads each token's own positions)
-    mask: torch.Tensor | None
+    mask: torch.Tensor  # [B, 1, Q, kv_len] additive: 0 where a query sees a key, the dtype's minimum elsewhere
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -285,6 +286,7 @@ class LlamaForward:
         if self.invariant:
             self.min_rows = self._probe(model)
         self.native = self._native_layers(model) if native else None
+        self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # see _rotation
 
     def _native_layers(self, model: nn.Module) -> native.LlamaLayers | None:
         """The whole stack as one native call, for a float32 model on this CPU whose products are all
@@ -409,14 +411,6 @@ class LlamaForward:
         x = inner.embed_tokens(batch.input_ids)
         cos, sin = inner.rotary_emb(x, batch.positions[None])
         n, d = x.shape[0], self.head_dim
-        if self.native is not None:
-            x = x.contiguous()
-            signed_sin = _signed_sin(sin[0]).contiguous()
-            layout = cache.layout
-            self.native(
-                x, cos[0].contiguous(), signed_sin, cache.keys, cache.values, layout.write_slots, batch.positions
-            )
-            return inner.norm(x)
         cos, sin = cos[0, :, None], _signed_sin(sin[0, :, None])  # [N, 1, head_dim]: one per token, shared by heads
         q_size = self.num_heads * d
         padded = rows > n
@@ -442,6 +436,32 @@ class LlamaForward:
             gate, up = self.rows("gate_up", layer.gate_up, h)
             x = x + self.rows("down", layer.down_proj, F.silu(gate) * up)
         return inner.norm(x[:n] if padded else x)
+
+    def native_hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache
+    ) -> torch.Tensor:
+        """hidden() as one native call (self.native): [N] tokens at `positions` of `slots` -> [N, hidden]."""
+        inner = self.model.model
+        x = inner.embed_tokens(input_ids).contiguous()
+        cos, signed_sin = self._rotation(positions, cache.max_len, x)
+        self.native(x, cos, signed_sin, cache.keys, cache.values, slots, positions)
+        return inner.norm(x)
+
+    def _rotation(self, positions: torch.Tensor, max_len: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [N, head_dim] at each position: rows of a table of every position, where
+        the model's rotary angles depend on the position alone (the module computes each element
+        alone, so the rows are its own per-call results); else the module's call."""
+        inner = self.model.model
+        if self._rotary_table is None or self._rotary_table[0].shape[0] < max_len:
+            parameters = getattr(self.model.config, "rope_parameters", None) or {}
+            if parameters.get("rope_type", "default") not in STATIC_ROPE_TYPES:
+                cos, sin = inner.rotary_emb(x, positions[None])
+                return cos[0].contiguous(), _signed_sin(sin[0]).contiguous()
+            every = torch.arange(max_len, device=positions.device)[None]
+            cos, sin = inner.rotary_emb(x, every)
+            self._rotary_table = (cos[0].contiguous(), _signed_sin(sin[0]).contiguous())
+        cos, signed_sin = self._rotary_table
+        return cos.index_select(0, positions), signed_sin.index_select(0, positions)
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         """[N, heads, head_dim] queries over [B, kv_heads, kv_len, head_dim] keys/values -> [N, heads, head_dim]."""

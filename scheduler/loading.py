@@ -197,7 +197,7 @@ def load_model(
 def _install_int4(model: PreTrainedModel, source: ModelSource, spec: str, device: str, asked: str) -> None:
     """int4 layers where a GGUF file holds Q4 blocks of a Llama-family model on a CPU; `asked`:
     "int4" (say so where they cannot apply) or "auto" (say what was chosen)."""
-    from scheduler import llama_forward, quantized
+    from scheduler import llama_forward, native, quantized
 
     if not source.gguf_file or device != "cpu" or not llama_forward.supports(model):
         if asked == "int4":
@@ -212,9 +212,16 @@ def _install_int4(model: PreTrainedModel, source: ModelSource, spec: str, device
         log.log(logging.WARNING if asked == "int4" else logging.INFO, "%s: no Q4_0/Q4_1 tensors, float weights", spec)
         return
     model.lm_head = quantized.Int8Head(model.lm_head)
+    kernels = (
+        "bild's native kernels, 8-bit activations as llama.cpp"
+        if native.available()
+        else "torch's int4 kernel (no C compiler for the native ones: install gcc)"
+    )
     log.info(
-        "%s computes %d layer products on the GGUF file's own 4-bit weights, its head on int8 (--weights %s)",
+        "%s computes %d layer products on the GGUF file's own 4-bit weights and its head on 8-bit ones, with %s "
+        "(--weights %s)",
         spec,
         replaced,
+        kernels,
         asked,
     )

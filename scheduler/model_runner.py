@@ -119,6 +119,8 @@ class CausalLMRunner:
 
     def _forward_rows(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
         """The Llama stack's forward (llama_forward.py) over the batch's tokens as rows, item after item."""
+        if self.stack.native is not None:
+            return self._forward_native(items, all_logits)
         device = self.device
         n_tokens = sum(len(item.tokens) for item in items)
         # A faster row count (see `run_as`): the stack's products compute that many rows, attention
@@ -134,23 +136,38 @@ class CausalLMRunner:
         positions = starts[item_of_row] + column
         kv_len = self._prepare_cache(items, slots, starts + lengths, slots[item_of_row], positions)
         # Query j of an item sees its keys 0..start+j. Queries past an item's own tokens (padding, where
-        # items feed different counts) see as many, which are finite, and are never read. (The native
-        # stack reads each token's positions itself: no mask.)
-        mask = None
-        if self.stack.native is None:
-            query_positions = starts[:, None] + torch.arange(width, device=device)[None, :]  # [B, Q]
-            mask = self._mask(query_positions, kv_len)
+        # items feed different counts) see as many, which are finite, and are never read.
+        query_positions = starts[:, None] + torch.arange(width, device=device)[None, :]  # [B, Q]
         batch = llama_forward.Batch(
             input_ids=torch.tensor([t for item in items for t in item.tokens], device=device),
             positions=positions,
             items=len(items),
             width=width,
             query_rows=None if bool((lengths == width).all()) else item_of_row * width + column,
-            mask=mask,
+            mask=self._mask(query_positions, kv_len),
         )
         with cpu_linear.active(), output_vocab.restricted():
             hidden = self.stack.hidden(batch, self.cache, rows)
             wanted = hidden if all_logits else hidden[ends - 1]
+            return self.stack.rows("head", self.model.get_output_embeddings(), wanted)
+
+    def _forward_native(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:
+        """_forward_rows as one native call: each token row carries its slot and position, which is all
+        that the native stack's attention and cache writes read (no mask, no layout)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last: list[int] = []
+        for item in items:
+            n = len(item.tokens)
+            ids += item.tokens
+            positions += range(item.start, item.start + n)
+            slots += [item.slot] * n
+            last.append(len(ids) - 1)
+        rows = torch.tensor([ids, positions, slots], device=self.device)  # [3, N]: one tensor for the three
+        with cpu_linear.active(), output_vocab.restricted():
+            hidden = self.stack.native_hidden(rows[0], rows[1], rows[2], self.cache)
+            wanted = hidden if all_logits else hidden[last]
             return self.stack.rows("head", self.model.get_output_embeddings(), wanted)
 
     def _forward_padded(self, items: list[ForwardItem], all_logits: bool) -> torch.Tensor:

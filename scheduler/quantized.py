@@ -1,19 +1,16 @@
-"""Linear layers over a GGUF file's own 4-bit weights, on torch's int4 CPU kernel.
+"""Linear layers over a GGUF file's own 4-bit weights, and an 8-bit output head.
 
 At one stream a forward is bound by the bytes of weights it streams: SmolLM2-135M's products in
 float32 are 513 MB, its GGUF file's Q4_1 blocks 92 MB. Dequantizing the file to float32 (what
 transformers' GGUF loader does) throws that away, so for `--weights int4` the layers whose GGUF
-tensors are Q4_1 or Q4_0 keep the file's own 4-bit values and run on
-`_weight_int4pack_mm_for_cpu`, which reads 4-bit weights with a float scale and zero point per
-group of 32 input features, as GGUF's blocks are laid out:
+tensors are Q4_1 or Q4_0 keep the file's own 4-bit values, in GGUF's blocks of 32 input features:
 
-- Q4_1: w = d * q + m, q in 0..15, per block of 32 (fp16 d and m) -> scale d, zero m + 8 d;
-- Q4_0: w = d * (q - 8) -> scale d, zero 0.
+- Q4_1: w = d * q + m, q in 0..15, per block of 32 (fp16 d and m);
+- Q4_0: w = d * (q - 8), that is m = -8 d.
 
-The values are the file's (the scales rounded to bfloat16, which the kernel takes), so the model is
-the one the file holds, not a second quantization of it. Tensors of other types (SmolLM2's Q8_0
-embedding, which the output head shares) keep the loader's float copy; the head gets an int8 copy
-of its own (Int8Head).
+The values are the file's, so the model is the one the file holds, not a second quantization of it.
+Tensors of other types (SmolLM2's Q8_0 embedding, which the output head shares) keep the loader's
+float copy; the head gets an 8-bit copy of its own (Int8Head).
 
 **Native kernels** (scheduler/native, built with the machine's C compiler on first use) compute
 as llama.cpp does: the file's blocks with their exact fp16 scales and offsets, against activations
@@ -24,9 +21,10 @@ ones too: oneDNN's float32 GEMM is faster from a few dozen rows on (prefill, ful
 second kernel would round a token differently by the forward it lands in, and 8-bit activations
 turn the smallest difference into a different rounding step (bench/results/cpu_kernels.md).
 
-Without a C compiler the layers run on torch's `_weight_int4pack_mm_for_cpu` (bfloat16 activations,
-scales rounded to bfloat16), and forwards over more than INT4_MAX_ROWS rows on oneDNN with inputs
-and outputs rounded to bfloat16 as that kernel's are (bench/results/cpu_kernels.md).
+Without a C compiler the layers run on torch's `_weight_int4pack_mm_for_cpu` (scale d and zero point
+m + 8 d per group, rounded to bfloat16 as it takes them; bfloat16 activations), and forwards over
+more than INT4_MAX_ROWS rows on oneDNN with inputs and outputs rounded to bfloat16 as that kernel's
+are.
 """
 
 from __future__ import annotations

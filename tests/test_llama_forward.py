@@ -219,3 +219,15 @@ def test_padded_products_return_only_the_rows_asked_for():
 
     assert torch.equal(stack.rows("o", product, x), x * 2) and seen == [5]
     assert torch.equal(stack.rows("qkv", product, x), x * 2) and seen == [5, 2]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias-rope3"])
+def test_the_native_stacks_rotary_table_holds_the_modules_own_values(family):
+    """Rows of the table of every position are bit for bit what the rotary module computes per call."""
+    model, _ = _pair(family)
+    stack = CausalLMRunner(model, num_slots=1, max_len=64).stack
+    positions = torch.tensor([0, 5, 63, 17])
+    x = torch.zeros(4, model.config.hidden_size)
+    cos, signed_sin = stack._rotation(positions, 64, x)
+    want_cos, want_sin = model.model.rotary_emb(x, positions[None])
+    assert torch.equal(cos, want_cos[0]) and torch.equal(signed_sin, llama_forward._signed_sin(want_sin[0]))

@@ -91,6 +91,8 @@ def q4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
     x = x.contiguous()
     rows, n = x.shape[0], q.shape[0]
     y = torch.empty(rows, n, dtype=torch.float32)
+    if rows == 0:
+        return y
     if lib.bild_q4_linear(x.data_ptr(), rows, x.shape[1], q.data_ptr(), d.data_ptr(), m.data_ptr(), n, y.data_ptr(), n):
         raise MemoryError("native q4 product: out of memory for its quantized activations")
     return y
@@ -102,6 +104,8 @@ def q8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor
     x = x.contiguous()
     rows, n = x.shape[0], q.shape[0]
     y = torch.empty(rows, n, dtype=torch.float32)
+    if rows == 0:
+        return y
     if lib.bild_q8_linear(x.data_ptr(), rows, x.shape[1], q.data_ptr(), d.data_ptr(), n, y.data_ptr(), n):
         raise MemoryError("native q8 product: out of memory for its quantized activations")
     return y
