@@ -194,6 +194,7 @@ def drain_and_restart(replica: Replica, log: list[str]) -> None:
 async def soak(target: str, args, replicas: list[Replica]) -> tuple[Counter, float, list[str]]:
     rows = load_prompts()
     statuses: Counter = Counter()  # (kind, status)
+    details: dict[tuple[str, str], list[str]] = {}  # (kind, status) -> the first few messages
     issued = 0
     events: list[str] = []
     checkpoints = {args.requests // 10: "warm", args.requests // 2: "middle", args.requests * 3 // 5: "restarted"}
@@ -217,6 +218,11 @@ async def soak(target: str, args, replicas: list[Replica]) -> tuple[Counter, flo
             statuses[kind, "OK"] += 1
         except grpc.aio.AioRpcError as error:
             statuses[kind, error.code().name] += 1
+            said = details.setdefault((kind, error.code().name), [])
+            if len(said) < 3:
+                said.append(
+                    f"request {i} after {seen} tokens, {time.perf_counter() - started:.0f} s in: {error.details()}"
+                )
 
     async def worker(stub, raw) -> None:
         nonlocal issued, restart, restarted_at
@@ -255,6 +261,9 @@ async def soak(target: str, args, replicas: list[Replica]) -> tuple[Counter, flo
         await restart
     for replica in replicas:
         replica.measure("end")
+    events += [
+        f"{k} {s}: {message}" for (k, s), messages in details.items() if s not in EXPECTED[k] for message in messages
+    ]
     return statuses, time.perf_counter() - started, events
 
 

@@ -298,6 +298,8 @@ class LlamaForward:
             return None
         if self.num_heads % self.num_kv_heads or len({layer.eps for layer in self.layers}) != 1:
             return None
+        if self.head_dim > native.MAX_HEAD_DIM:
+            return None
         products = [
             [*layer.qkv.linears, layer.o_proj.args[0], *layer.gate_up.linears, layer.down_proj.args[0]]
             for layer in self.layers

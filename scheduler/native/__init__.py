@@ -122,6 +122,7 @@ class _Weights(ctypes.Structure):
 
 
 Q4_BLOCKS, FLOAT32 = 0, 1  # blockquant.c's kinds of weights
+MAX_HEAD_DIM = 512  # bild_llama_layers rotates a head in a buffer of this many floats
 
 
 class _Layer(ctypes.Structure):
