@@ -8,15 +8,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
+from bild import wire
 from bild.v1 import bild_pb2, bild_pb2_grpc
 
 Mode = bild_pb2.DecodingMode  # Mode.Value("DECODING_MODE_EXACT"), or the constants in bild_pb2
-MODE_NAMES = {
-    "bild": bild_pb2.DECODING_MODE_BILD,
-    "exact": bild_pb2.DECODING_MODE_EXACT,
-    "large": bild_pb2.DECODING_MODE_LARGE,
-    "small": bild_pb2.DECODING_MODE_SMALL,
-}
+MODE_NAMES = wire.MODES  # "bild", "exact", "large", "small" -> DecodingMode
 
 
 # A call refused with UNAVAILABLE (a draining replica, one behind a proxy) is tried again, where a

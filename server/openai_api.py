@@ -19,18 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from bild import wire
 from bild.v1 import bild_pb2
 from transformers import PreTrainedTokenizerBase
 
 from scheduler.request import RequestStats
 
-MODES = {
-    "bild": bild_pb2.DECODING_MODE_BILD,
-    "exact": bild_pb2.DECODING_MODE_EXACT,
-    "large": bild_pb2.DECODING_MODE_LARGE,
-    "small": bild_pb2.DECODING_MODE_SMALL,
-}
-FINISH_REASONS = {
+# The proto's finish reasons as OpenAI names them.
+OPENAI_FINISH_REASONS = {
     bild_pb2.FINISH_REASON_EOS: "stop",
     bild_pb2.FINISH_REASON_STOP: "stop",
     bild_pb2.FINISH_REASON_LENGTH: "length",
@@ -240,9 +236,9 @@ def _translate(body: Any, chat: bool) -> Call:
         request.batch_independent = batch_independent
     mode = _get(body, "mode")
     if mode is not None:
-        if not isinstance(mode, str) or mode not in MODES:
-            raise invalid(f"mode must be one of {sorted(MODES)}", "mode")
-        request.mode = MODES[mode]
+        if not isinstance(mode, str) or mode not in wire.MODES:
+            raise invalid(f"mode must be one of {sorted(wire.MODES)}", "mode")
+        request.mode = wire.MODES[mode]
     if chat:
         logprobs = bool(_boolean(body, "logprobs"))
         top = _integer(body, "top_logprobs") or 0
@@ -371,7 +367,7 @@ class Answer:
     def _finish(self, response: bild_pb2.GenerateResponse) -> None:
         self.sent_tokens += len(response.token_ids)
         if response.finish_reason != bild_pb2.FINISH_REASON_UNSPECIFIED:
-            self.finish_reason = FINISH_REASONS.get(response.finish_reason, "stop")
+            self.finish_reason = OPENAI_FINISH_REASONS.get(response.finish_reason, "stop")
             stats = response.stats
             self.usage = {
                 "prompt_tokens": stats.prompt_tokens,

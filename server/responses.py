@@ -11,7 +11,8 @@ from scheduler.scheduler import StepOutput
 from server.detokenizer import IncrementalDetokenizer
 from server.stops import StopStrings
 
-FINISH_REASONS = {
+# The scheduler's finish reasons as the proto names them.
+WIRE_FINISH_REASONS = {
     FinishReason.EOS: bild_pb2.FINISH_REASON_EOS,
     FinishReason.LENGTH: bild_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: bild_pb2.FINISH_REASON_STOP,
@@ -63,7 +64,7 @@ class ResponseBuilder:
             text="".join(text), token_ids=tokens, logprobs=logprobs, request_id=self.request_id
         )
         if self.finish is not None:
-            response.finish_reason = FINISH_REASONS[self.finish]
+            response.finish_reason = WIRE_FINISH_REASONS[self.finish]
             response.stop_reason = stop_reason
             # A stop string ends the request early: count what the client got, not what was settled.
             values = {**stats.as_dict(), "generated_tokens": self.sent_tokens}

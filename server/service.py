@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import grpc
+from bild import wire
 from bild.v1 import bild_pb2, bild_pb2_grpc
 from transformers import PreTrainedTokenizerBase
 
@@ -26,12 +27,7 @@ from server.responses import ResponseBuilder
 
 log = logging.getLogger(__name__)
 
-MODES = {
-    bild_pb2.DECODING_MODE_BILD: Mode.BILD,
-    bild_pb2.DECODING_MODE_EXACT: Mode.EXACT,
-    bild_pb2.DECODING_MODE_LARGE: Mode.LARGE,
-    bild_pb2.DECODING_MODE_SMALL: Mode.SMALL,
-}
+MODES = {number: Mode(name) for name, number in wire.MODES.items()}  # the proto's enum -> the scheduler's
 MODE_ENUMS = {mode: number for number, mode in MODES.items()}
 CHAT_ROLES = ("system", "user", "assistant")
 # A prompt this many times the context length in characters cannot fit; refuse it before tokenizing.
@@ -66,9 +62,10 @@ class CallFailed(Exception):
 
 @dataclass(frozen=True)
 class Unparsable:
-    """A request whose bytes are not the message the method takes (invalid UTF-8, wrong wire types)."""
+    """A request whose bytes are not the message the method takes (invalid UTF-8, wrong wire types);
+    `reason` says so for the INVALID_ARGUMENT status that every method answers it with."""
 
-    error: str
+    reason: str
 
 
 def _source(messages) -> str:
@@ -83,14 +80,16 @@ def _source(messages) -> str:
     return " ".join(m.content for m in messages)
 
 
-def _tolerant(parse):
-    """A deserializer that hands the handler an Unparsable instead of failing the call with UNKNOWN."""
+def _tolerant(message):
+    """A deserializer of `message` that hands the handler an Unparsable instead of failing the call
+    with UNKNOWN."""
 
     def deserialize(data: bytes):
         try:
-            return parse(data)
+            return message.FromString(data)
         except Exception as error:  # protobuf's DecodeError, whatever the backend raises
-            return Unparsable(str(error) or type(error).__name__)
+            why = str(error) or type(error).__name__
+            return Unparsable(f"the request is not a valid {message.DESCRIPTOR.full_name}: {why}")
 
     return deserialize
 
@@ -100,17 +99,17 @@ def add_to_server(service: GeneratorService, server: grpc.aio.Server) -> None:
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             service.Generate,
-            request_deserializer=_tolerant(bild_pb2.GenerateRequest.FromString),
+            request_deserializer=_tolerant(bild_pb2.GenerateRequest),
             response_serializer=bild_pb2.GenerateResponse.SerializeToString,
         ),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             service.GetModelInfo,
-            request_deserializer=_tolerant(bild_pb2.GetModelInfoRequest.FromString),
+            request_deserializer=_tolerant(bild_pb2.GetModelInfoRequest),
             response_serializer=bild_pb2.ModelInfo.SerializeToString,
         ),
         "GetLoad": grpc.unary_unary_rpc_method_handler(
             service.GetLoad,
-            request_deserializer=_tolerant(bild_pb2.GetLoadRequest.FromString),
+            request_deserializer=_tolerant(bild_pb2.GetLoadRequest),
             response_serializer=bild_pb2.Load.SerializeToString,
         ),
     }
@@ -283,11 +282,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
 
     async def _generate(self, request: bild_pb2.GenerateRequest, record: CallRecord):
         if isinstance(request, Unparsable):
-            raise self._abort(
-                record,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid bild.v1.GenerateRequest: {request.error}",
-            )
+            raise self._abort(record, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         await self._loaded()
         started = time.monotonic()
         request_id = request.request_id
@@ -343,10 +338,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
 
     async def GetModelInfo(self, request: bild_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         if isinstance(request, Unparsable):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid bild.v1.GetModelInfoRequest: {request.error}",
-            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         await self._loaded()
         config, engine = self.config, self.engine
         return bild_pb2.ModelInfo(
@@ -369,9 +361,7 @@ class GeneratorService(bild_pb2_grpc.GeneratorServicer):
 
     async def GetLoad(self, request: bild_pb2.GetLoadRequest, context: grpc.aio.ServicerContext):
         if isinstance(request, Unparsable):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid bild.v1.GetLoadRequest: {request.error}"
-            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         if self.engine is None:
             return bild_pb2.Load(serving=False)
         load, slots = self.engine.load(), self.engine.config.max_num_seqs
