@@ -61,6 +61,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} http2;
+        keepalive_requests 4294967295;
         location / {{
             grpc_pass grpc://bild;
             grpc_read_timeout 600s;

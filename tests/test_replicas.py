@@ -115,6 +115,7 @@ http {{
     }}
     server {{
         listen 127.0.0.1:{port} http2;
+        keepalive_requests 4294967295;  # README's: no GOAWAY by a count of calls
         location / {{
             grpc_pass grpc://bild;
             grpc_read_timeout 600s;       # a long generation streams for minutes
