@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +17,8 @@ from scheduler import cpu_linear, native, quantized
 from scheduler.loading import SMOLLM2_ALIAS, load_model
 from scheduler.request import Mode
 from tests.engine_util import make_scheduler, params, run
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_native_kernels_build_here():
@@ -69,6 +76,40 @@ def test_native_rows_come_out_the_same_in_any_batch():
     with cpu_linear.active():
         together = head(x)
         assert torch.equal(torch.cat([head(x[i : i + 1]) for i in range(40)]), together)
+
+
+PORTABLE_CHECK = """
+import torch, numpy as np
+from gguf import GGMLQuantizationType, quants
+from scheduler import native, quantized
+assert not native.stack_available()  # the one-call stack needs AVX2: the eager stack runs instead
+weight = np.random.default_rng(3).standard_normal((70, 128)).astype(np.float32)
+layer = quantized.Int4Linear(*quantized._blocks(quants.quantize(weight, GGMLQuantizationType.Q4_1), "Q4_1"))
+head = quantized.Int8Head(torch.nn.Linear(128, 300, bias=False).requires_grad_(False))
+x = torch.randn(9, 128, generator=torch.Generator().manual_seed(0))
+q4 = layer(x)
+q8 = head._product(x)
+assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(9)]), q4)
+torch.save((q4, q8, head.weight), "{out}")
+"""
+
+
+def test_the_portable_kernels_compute_what_the_avx2_ones_do(tmp_path):
+    """BILD_NATIVE_PORTABLE=1 runs the C fallback (for CPUs without AVX2) here too: the same products
+    as the AVX2 kernels, summed in another order, and each row alike in any batch."""
+    out = tmp_path / "portable.pt"
+    env = {**os.environ, "BILD_NATIVE_PORTABLE": "1"}
+    subprocess.run([sys.executable, "-c", PORTABLE_CHECK.format(out=out)], env=env, check=True, cwd=REPO)
+    q4, q8, weight = torch.load(out)
+    blocks = quants.quantize(
+        np.random.default_rng(3).standard_normal((70, 128)).astype(np.float32), GGMLQuantizationType.Q4_1
+    )
+    layer = quantized.Int4Linear(*quantized._blocks(blocks, "Q4_1"))
+    linear = torch.nn.Linear(128, 300, bias=False).requires_grad_(False)
+    linear.weight.copy_(weight)
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(q4, layer(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q8, quantized.Int8Head(linear)._product(x), rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_compiler_torchs_kernels_compute_the_same_weights(monkeypatch):

@@ -74,9 +74,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("native kernels at %s do not load (%s); torch's kernels are used instead", target, error)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.bild_q4_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64]
-    lib.bild_q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64]
-    lib.bild_q4_linear.restype = lib.bild_q8_linear.restype = ctypes.c_int
+    lib.bild_linear.argtypes = [i64, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64]
+    lib.bild_linear.restype = ctypes.c_int
     return lib
 
 
@@ -84,31 +83,29 @@ def available() -> bool:
     return library() is not None
 
 
-def q4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 @ W.T for W = d * nibble + m per block of 32: q [N, K/2] uint8 in GGUF's
-    block order, d and m [N, K/32] float32. [M, N] float32."""
-    lib = library()
+def _linear(kind: int, x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     x = x.contiguous()
     rows, n = x.shape[0], q.shape[0]
     y = torch.empty(rows, n, dtype=torch.float32)
     if rows == 0:
         return y
-    if lib.bild_q4_linear(x.data_ptr(), rows, x.shape[1], q.data_ptr(), d.data_ptr(), m.data_ptr(), n, y.data_ptr(), n):
-        raise MemoryError("native q4 product: out of memory for its quantized activations")
+    offsets = None if m is None else m.data_ptr()
+    if library().bild_linear(
+        kind, x.data_ptr(), rows, x.shape[1], q.data_ptr(), d.data_ptr(), offsets, n, y.data_ptr(), n
+    ):
+        raise MemoryError("native product: out of memory for its quantized activations")
     return y
+
+
+def q4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 @ W.T for W = d * nibble + m per block of 32: q [N, K/2] uint8 in GGUF's
+    block order, d and m [N, K/32] float32. [M, N] float32."""
+    return _linear(Q4_BLOCKS, x, q, d, m)
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 @ W.T for W = d * q per block of 32: q [N, K] int8, d [N, K/32] float32."""
-    lib = library()
-    x = x.contiguous()
-    rows, n = x.shape[0], q.shape[0]
-    y = torch.empty(rows, n, dtype=torch.float32)
-    if rows == 0:
-        return y
-    if lib.bild_q8_linear(x.data_ptr(), rows, x.shape[1], q.data_ptr(), d.data_ptr(), n, y.data_ptr(), n):
-        raise MemoryError("native q8 product: out of memory for its quantized activations")
-    return y
+    return _linear(Q8_BLOCKS, x, q, d, None)
 
 
 class _Weights(ctypes.Structure):
@@ -121,7 +118,7 @@ class _Weights(ctypes.Structure):
     ]
 
 
-Q4_BLOCKS, FLOAT32 = 0, 1  # blockquant.c's kinds of weights
+Q4_BLOCKS, FLOAT32, Q8_BLOCKS = 0, 1, 2  # blockquant.c's kinds of weights
 MAX_HEAD_DIM = 512  # bild_llama_layers rotates a head in a buffer of this many floats
 
 

@@ -24,6 +24,7 @@
 #endif
 
 #define QK 32
+enum { Q4_BLOCKS = 0, FLOAT32 = 1, Q8_BLOCKS = 2 }; /* kinds of weights (scheduler/native/__init__.py) */
 #ifndef MR
 #define MR 8 /* rows of activations per tile: each weight block is unpacked once for them */
 #endif
@@ -232,7 +233,8 @@ static int has_avx2(void) {
     static int known = -1;
     if (known < 0) {
         __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        /* BILD_NATIVE_PORTABLE: the portable kernels on any CPU (tests/test_quantized.py runs them so) */
+        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !getenv("BILD_NATIVE_PORTABLE");
     }
     return known;
 #else
@@ -268,10 +270,11 @@ static void release(Activations *a) {
     free(a->s);
 }
 
-/* y[M, N] (row stride ldy) = x[M, K] @ W.T for Q4 weights: wq [N, K/2] nibbles in GGUF's block
-   order, wd and wm [N, K/32]. Returns 0, or -1 when out of memory. */
-int bild_q4_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *wq, const float *wd, const float *wm,
-                   int64_t n_rows, float *y, int64_t ldy) {
+/* y[M, N] (row stride ldy) = x[M, K] @ W.T for block-quantized weights of `kind`: Q4_BLOCKS (wq
+   [N, K/2] nibbles in GGUF's block order, wd and wm [N, K/32]) or Q8_BLOCKS (wq [N, K] int8, wd
+   [N, K/32]; wm unused). Returns 0, or -1 when out of memory. */
+int bild_linear(int64_t kind, const float *x, int64_t m_rows, int64_t k, const void *wq, const float *wd,
+                const float *wm, int64_t n_rows, float *y, int64_t ldy) {
     Activations a;
     if (quantize(x, m_rows, k, &a)) return release(&a), -1;
     const int64_t blocks = k / QK, units = (n_rows + NB - 1) / NB;
@@ -281,38 +284,21 @@ int bild_q4_linear(const float *x, int64_t m_rows, int64_t k, const uint8_t *wq,
         const int64_t n0 = u * NB, n1 = n0 + NB < n_rows ? n0 + NB : n_rows;
 #ifdef __x86_64__
         if (avx2) {
-            unit_q4_avx2(m_rows, n0, n1, blocks, wq, wd, wm, a.q, a.d, a.s, y, ldy);
+            if (kind == Q8_BLOCKS)
+                unit_q8_avx2(m_rows, n0, n1, blocks, wq, wd, a.q, a.d, y, ldy);
+            else
+                unit_q4_avx2(m_rows, n0, n1, blocks, wq, wd, wm, a.q, a.d, a.s, y, ldy);
             continue;
         }
 #endif
         for (int64_t m = 0; m < m_rows; m++)
             for (int64_t n = n0; n < n1; n++)
-                y[m * ldy + n] = dot_q4_portable(wq + n * blocks * 16, wd + n * blocks, wm + n * blocks,
-                                                 a.q + m * k, a.d + m * blocks, a.s + m * blocks, blocks);
-    }
-    release(&a);
-    return 0;
-}
-
-/* The same for Q8_0 weights: wq [N, K] int8, wd [N, K/32]. */
-int bild_q8_linear(const float *x, int64_t m_rows, int64_t k, const int8_t *wq, const float *wd, int64_t n_rows,
-                   float *y, int64_t ldy) {
-    Activations a;
-    if (quantize(x, m_rows, k, &a)) return release(&a), -1;
-    const int64_t blocks = k / QK, units = (n_rows + NB - 1) / NB;
-    const int avx2 = has_avx2();
-#pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < units; u++) {
-        const int64_t n0 = u * NB, n1 = n0 + NB < n_rows ? n0 + NB : n_rows;
-#ifdef __x86_64__
-        if (avx2) {
-            unit_q8_avx2(m_rows, n0, n1, blocks, wq, wd, a.q, a.d, y, ldy);
-            continue;
-        }
-#endif
-        for (int64_t m = 0; m < m_rows; m++)
-            for (int64_t n = n0; n < n1; n++)
-                y[m * ldy + n] = dot_q8_portable(wq + n * k, wd + n * blocks, a.q + m * k, a.d + m * blocks, blocks);
+                y[m * ldy + n] = kind == Q8_BLOCKS
+                                     ? dot_q8_portable((const int8_t *)wq + n * k, wd + n * blocks, a.q + m * k,
+                                                       a.d + m * blocks, blocks)
+                                     : dot_q4_portable((const uint8_t *)wq + n * blocks * 16, wd + n * blocks,
+                                                       wm + n * blocks, a.q + m * k, a.d + m * blocks,
+                                                       a.s + m * blocks, blocks);
     }
     release(&a);
     return 0;
@@ -328,7 +314,6 @@ typedef struct {
     const float *d, *m, *bias;
 } Weights;
 
-enum { Q4_BLOCKS = 0, FLOAT32 = 1 };
 
 #ifdef __x86_64__
 /* [mr, 1] outputs of float32 weights, each a dot product in one fixed order. */
