@@ -310,7 +310,6 @@ class LlamaForward:
                 return None  # GGUF's Q4 layers that the loader replaces have none
             if any(layer.qkv.int4 is None or layer.gate_up.int4 is None for layer in self.layers):
                 return None
-
             joined = [
                 (layer.qkv.int4, layer.o_proj.args[0], layer.gate_up.int4, layer.down_proj.args[0])
                 for layer in self.layers
